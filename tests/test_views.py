@@ -112,18 +112,24 @@ def test_resize_round_trip_on_smooth_map(view, scale):
     assert out_grid == tuple(round(g * scale) for g in (grid[::-1] if view.rot90 % 2 else grid))
     assert view.apply(torch.zeros(2, 3, grid[0] * patch, grid[1] * patch), patch).shape == (
         2, 3, out_grid[0] * patch, out_grid[1] * patch)
-    # A smooth map sampled on the original grid, pushed through f (permute, then bilinear resize).
+    # A smooth attention distribution over the original keys, and the view's: the same scene resampled
+    # to the view grid, renormalised (the view's softmax spreads the mass over its N' keys).
     ys, xs = torch.meshgrid(torch.linspace(0, 1, grid[0]), torch.linspace(0, 1, grid[1]), indexing="ij")
     smooth = 0.5 + 0.25 * torch.sin(math.pi * ys) * torch.cos(math.pi * xs)  # [gh, gw]
+    original = (smooth / smooth.sum()).flatten()
     permuted = View(hflip=view.hflip, rot90=view.rot90)._permute(smooth)
-    forward = F.interpolate(permuted[None, None], size=out_grid, mode="bilinear", align_corners=False).flatten()
+    resampled = F.interpolate(permuted[None, None], size=out_grid, mode="bilinear", align_corners=False).flatten()
+    forward = resampled / resampled.sum()
     back = view.invert_cls_row(forward[None], grid)[0]
     assert back.shape == (grid[0] * grid[1],)
-    assert (back - smooth.flatten()).abs().max() < 0.05  # interpolation error of a smooth map
-    block = forward[:, None] * forward[None, :]
+    assert back.sum() == pytest.approx(1.0, rel=0.02)  # the mass is kept
+    assert ((back - original).abs() / original).max() < 0.1  # interpolation error of a smooth map (edges)
+    # Patch block: each query row a distribution over keys; queries resample, keys keep their mass.
+    block = resampled[:, None] * forward[None, :]
     back_block = view.invert_patch_block(block, grid)
     assert back_block.shape == (384, 384)
-    assert (back_block - smooth.flatten()[:, None] * smooth.flatten()[None, :]).abs().max() < 0.05
+    expected = smooth.flatten()[:, None] * original[None, :]
+    assert ((back_block - expected).abs() / expected).max() < 0.15  # both axes interpolated
 
 
 def test_wrong_token_count_is_rejected():

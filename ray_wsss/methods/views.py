@@ -9,7 +9,10 @@ tokens they are index permutations and f⁻¹ is exact: with Q the N×N permutat
 original tokens to view tokens (t' = Q t, built from Kronecker products in Eq. 5: hflip I⊗J,
 vflip J⊗I, transpose the commutation matrix), f⁻¹ of a class-to-patch row is ``row @ Q`` and of a
 patch-to-patch block ``Qᵀ @ A' @ Q``. We implement that by indexing rather than matrix products.
-A resize is undone by bilinear interpolation of the attention maps (approximate by nature).
+A resize is undone by bilinear interpolation of the attention maps (approximate by nature). On the
+key axis attention is a distribution: a view with N' keys spreads the same mass over N' tokens, so
+interpolating back to N keys also rescales by N'/N; otherwise a resized view could never agree with
+the original and Lact/Laff would carry a constant offset. Query rows are resampled as they are.
 """
 from __future__ import annotations
 
@@ -78,8 +81,11 @@ class View:
     def _inverse_index(self, grid: tuple[int, int], device: torch.device) -> Tensor:
         return torch.argsort(self.token_index(grid, device))
 
-    def _unscale(self, maps: Tensor, grid: tuple[int, int]) -> Tensor:
-        """[..., N'] over the view grid -> [..., N] over the permuted (pre-resize) grid."""
+    def _unscale(self, maps: Tensor, grid: tuple[int, int], keys: bool) -> Tensor:
+        """[..., N'] over the view grid -> [..., N] over the permuted (pre-resize) grid.
+
+        ``keys``: the last axis holds attention keys, whose mass is kept (x N'/N).
+        """
         src = self.output_grid(grid)
         dst = self._permuted_grid(grid)
         if src == dst:
@@ -87,6 +93,8 @@ class View:
         lead = maps.shape[:-1]
         flat = maps.reshape(-1, 1, *src)
         flat = F.interpolate(flat, size=dst, mode="bilinear", align_corners=False)
+        if keys:
+            flat = flat * (src[0] * src[1] / (dst[0] * dst[1]))
         return flat.reshape(*lead, dst[0] * dst[1])
 
     def _check_tokens(self, n: int, grid: tuple[int, int], what: str) -> None:
@@ -100,15 +108,15 @@ class View:
         ``grid`` is the ORIGINAL (gh, gw).
         """
         self._check_tokens(row.shape[-1], grid, "row")
-        row = self._unscale(row, grid)
+        row = self._unscale(row, grid, keys=True)
         return row.index_select(-1, self._inverse_index(grid, row.device))
 
     def invert_patch_block(self, block: Tensor, grid: tuple[int, int]) -> Tensor:
         """Patch-to-patch attention [..., N', N'] of the view -> [..., N, N] (queries and keys)."""
         self._check_tokens(block.shape[-1], grid, "block keys")
         self._check_tokens(block.shape[-2], grid, "block queries")
-        block = self._unscale(block, grid)                               # keys
-        block = self._unscale(block.transpose(-1, -2), grid).transpose(-1, -2)  # queries
+        block = self._unscale(block, grid, keys=True)
+        block = self._unscale(block.transpose(-1, -2), grid, keys=False).transpose(-1, -2)  # queries
         inverse = self._inverse_index(grid, block.device)
         return block.index_select(-1, inverse).index_select(-2, inverse)
 
