@@ -77,8 +77,13 @@ def init_ray() -> None:
     import ray
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # a local Ray: no dashboard unless ray[default] is installed
+        ray.init(log_to_driver=True, runtime_env={"worker_process_setup_hook": "ray_wsss.cluster.quiet_worker_logging"})
 
 
 def print_summary(summary: dict[str, Any]) -> None:

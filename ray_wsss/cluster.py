@@ -58,3 +58,14 @@ def pool_resources(pool: str, amount: float = 1.0,
     if cluster_resources.get(name, 0) > 0 or cluster_resources.get(POOLS_MARKER_RESOURCE, 0) > 0:
         return {name: float(amount)}
     return {}
+
+
+def quiet_worker_logging() -> None:
+    """Ray worker setup hook for clusters without a dashboard (a plain ``pip install ray[train,data,tune]``).
+
+    Without the dashboard there is no state API, and Train V2's placement-group cleaner warns about
+    that every second for the whole run. The cleaner still works from the controller's side.
+    """
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

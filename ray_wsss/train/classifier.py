@@ -15,6 +15,7 @@ import numpy as np
 import ray
 import ray.data
 import ray.train
+import ray.train.torch
 import torch
 import torch.nn as nn
 
@@ -29,46 +30,44 @@ from ray_wsss.models.vit import ViTConfig
 from ray_wsss.storage import StorageOptions
 from ray_wsss.train import common, metrics
 from ray_wsss.train.optim import OPTIMIZERS, build_optimizer, poly_schedule
+from ray_wsss.config import option
 
 log = logging.getLogger(__name__)
 STAGE = "train"
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
-
 
 @dataclasses.dataclass
 class TrainClassifierConfig:
-    data: str = _f("runs/default/data", "sample shards URI (prepare_data's --out)")
-    out: str = _f("runs/default/train", "output URI for checkpoints, metrics and summary")
-    method: str = _f("acr", "training method", choices=METHODS)
-    model: str = _f("vit_tiny_patch16_224", "timm ViT/DeiT name")
-    img_size: int = _f(96, "training crop size (pixels)")
-    patch_size: int = _f(16, "ViT patch size")
-    depth: int | None = _f(None, "number of ViT blocks (default: the model's)")
-    embed_dim: int | None = _f(None, "embedding width (default: the model's)")
-    num_heads: int | None = _f(None, "attention heads (default: the model's)")
-    weights: str | None = _f(None, "initial weights file (timm/DeiT state dict or a checkpoint), local or s3://")
-    epochs: int = _f(12, "epochs")
-    batch_size: int = _f(32, "batch size per worker")
-    num_workers: int = _f(1, "Ray Train workers (DDP ranks)")
-    use_gpu: bool = _f(False, "one GPU per worker, nccl, AMP")
-    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker; the rest feed Ray Data")
-    alpha: float | None = _f(None, "weight of Lact (default: 125 for acr, 0 for baseline/mct)")
-    beta: float | None = _f(None, "weight of Laff (default: 125 for acr, 0 for baseline/mct)")
-    acr_layers: tuple[int, ...] | None = _f(None, "blocks whose attention the ACR losses use (default: all)")
-    view_scales: tuple[float, ...] = _f((1.0, 1.25), "resize factors a second view may use")
-    optimizer: str = _f("adamw", "optimizer", choices=OPTIMIZERS)
-    lr: float = _f(5e-4, "base learning rate (poly decay)")
-    weight_decay: float = _f(0.05, "weight decay")
-    momentum: float = _f(0.9, "SGD momentum")
-    warmup_epochs: float = _f(1.0, "linear warm-up before poly decay")
-    train_split: str = _f("train", "split to train on")
-    val_split: str = _f("val", "held-out split for mAP/F1")
-    name: str = _f("train", "run name; rerunning with the same name resumes")
-    max_failures: int = _f(2, "worker failures to recover from")
-    seed: int = _f(0, "random seed")
+    data: str = option("runs/default/data", "sample shards URI (prepare_data's --out)")
+    out: str = option("runs/default/train", "output URI for checkpoints, metrics and summary")
+    method: str = option("acr", "training method", choices=METHODS)
+    model: str = option("vit_tiny_patch16_224", "timm ViT/DeiT name")
+    img_size: int = option(96, "training crop size (pixels)")
+    patch_size: int = option(16, "ViT patch size")
+    depth: int | None = option(None, "number of ViT blocks (default: the model's)")
+    embed_dim: int | None = option(None, "embedding width (default: the model's)")
+    num_heads: int | None = option(None, "attention heads (default: the model's)")
+    weights: str | None = option(None, "initial weights file (timm/DeiT state dict or a checkpoint), local or s3://")
+    epochs: int = option(12, "epochs")
+    batch_size: int = option(32, "batch size per worker")
+    num_workers: int = option(1, "Ray Train workers (DDP ranks)")
+    use_gpu: bool = option(False, "one GPU per worker, nccl, AMP")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per worker; the rest feed Ray Data")
+    alpha: float | None = option(None, "weight of Lact (default: 125 for acr, 0 for baseline/mct)")
+    beta: float | None = option(None, "weight of Laff (default: 125 for acr, 0 for baseline/mct)")
+    acr_layers: tuple[int, ...] | None = option(None, "blocks whose attention the ACR losses use (default: all)")
+    view_scales: tuple[float, ...] = option((1.0, 1.25), "resize factors a second view may use")
+    optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float = option(5e-4, "base learning rate (poly decay)")
+    weight_decay: float = option(0.05, "weight decay")
+    momentum: float = option(0.9, "SGD momentum")
+    warmup_epochs: float = option(1.0, "linear warm-up before poly decay")
+    train_split: str = option("train", "split to train on")
+    val_split: str = option("val", "held-out split for mAP/F1")
+    name: str = option("train", "run name; rerunning with the same name resumes")
+    max_failures: int = option(2, "worker failures to recover from")
+    seed: int = option(0, "random seed")
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def vit_config(self) -> ViTConfig:
@@ -161,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                            cfg.batch_size, device, use_amp))
             row["epoch_seconds"] = round(time.time() - started, 2)
             history.append(row)
-            print(common.format_row(STAGE, row), flush=True)
+            common.worker_print(common.format_row(STAGE, row))
             common.report_epoch(row, lambda tmp: _save_checkpoint(tmp, cfg, config, model, optimizer, scheduler,
                                                                   scaler, epoch, history))
         else:
@@ -235,7 +234,9 @@ def run(cfg: TrainClassifierConfig) -> dict[str, Any]:
     num_classes = len(class_names)
     # Per-epoch lines are this stage's progress; Ray Data's bars inside workers would flood the log.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_ds = split_dataset(cfg.data, cfg.train_split, cfg.storage, ["image", "labels"]).map_batches(
+    # Raw (encoded) rows read once: re-reading the shards each epoch (listing, footer-reader actors,
+    # read tasks) delayed every epoch's first batch by seconds. Only decode + augmentation re-run.
+    train_ds = split_dataset(cfg.data, cfg.train_split, cfg.storage, ["image", "labels"]).materialize().map_batches(
         ClassifierTransform(cfg.img_size, num_classes, train=True), batch_size=64)
     datasets = {"train": train_ds}
     if by_split.get(cfg.val_split):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Protocol
@@ -62,7 +63,7 @@ def load_resumed_state(device: torch.device, tag: str) -> dict[str, Any] | None:
     with resumed.as_directory() as ckpt_dir:
         state = torch.load(os.path.join(ckpt_dir, checkpoints.MODEL_FILE), map_location=device, weights_only=False)
     if ray.train.get_context().get_world_rank() == 0:
-        print(f"[{tag}] resuming from checkpoint {resumed.path} (epoch {state['epoch'] + 1} done)", flush=True)
+        worker_print(f"[{tag}] resuming from checkpoint {resumed.path} (epoch {state['epoch'] + 1} done)")
     return state
 
 
@@ -88,6 +89,15 @@ def report_epoch(row: dict[str, Any], write_checkpoint: Callable[[str], None] | 
 def dataset_shard(name: str, present: bool):
     """This worker's shard of dataset ``name``, or None when the driver did not pass one."""
     return ray.train.get_dataset_shard(name) if present else None
+
+
+def worker_print(line: str) -> None:
+    """Print one progress line from a training worker, once.
+
+    Train V2 patches ``print`` to also send the line to its logger, so a plain print reaches the
+    driver twice; the process's own stdout bypasses that patch.
+    """
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def format_row(tag: str, row: dict[str, Any]) -> str:

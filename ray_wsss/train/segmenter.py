@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 import ray.train
+import ray.train.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,42 +34,42 @@ from ray_wsss.segmentation.infer import normalize_image, predict_probs
 from ray_wsss.storage import StorageOptions
 from ray_wsss.train import checkpoints, common
 from ray_wsss.train.optim import build_optimizer, poly_schedule
+from ray_wsss.config import option
 
 log = logging.getLogger(__name__)
 STAGE = "deeplab"
 METHOD = "deeplab"  # what checkpoints of this trainer say they hold
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
-
 
 @dataclasses.dataclass
 class TrainDeepLabConfig:
-    masks: str | None = _f(None, "pseudo masks URI (make_masks' --out); not needed with --gt-masks")
-    data: str = _f("runs/default/data", "sample shards URI (prepare_data's --out)")
-    out: str = _f("runs/default/deeplab", "output URI for checkpoints, metrics and summary")
-    gt_masks: bool = _f(False, "train on the samples' ground-truth masks instead (the fully supervised reference)")
-    backbone: str = _f("resnet18", "dilated ResNet depth (the paper: resnet101)", choices=BACKBONES)
-    backbone_weights: str | None = _f(None, "torchvision ResNet state dict (ImageNet), local or s3://")
-    freeze_bn: bool | None = _f(None, "keep the backbone's BatchNorm fixed, as DeepLab-V2 does "
+    masks: str | None = option(None, "pseudo masks URI (make_masks' --out); not needed with --gt-masks")
+    data: str = option("runs/default/data", "sample shards URI (prepare_data's --out)")
+    out: str = option("runs/default/deeplab", "output URI for checkpoints, metrics and summary")
+    gt_masks: bool = option(False, "train on the samples' ground-truth masks instead (the fully supervised reference)")
+    backbone: str = option("resnet18", "dilated ResNet depth (the paper: resnet101)", choices=BACKBONES)
+    backbone_weights: str | None = option(None, "torchvision ResNet state dict (ImageNet), local or s3://")
+    freeze_bn: bool | None = option(None, "keep the backbone's BatchNorm fixed, as DeepLab-V2 does "
                                       "(default: on with --backbone-weights, off from scratch)")
-    crop: int = _f(96, "training crop size (the paper: 321 or 513)")
-    scale_range: tuple[float, ...] = _f((0.5, 1.5), "random rescale range: low high")
-    epochs: int = _f(10, "epochs")
-    batch_size: int = _f(8, "batch size per worker")
-    num_workers: int = _f(1, "Ray Train workers (DDP ranks)")
-    use_gpu: bool = _f(False, "one GPU per worker, nccl, AMP")
-    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker; the rest feed Ray Data")
-    lr: float = _f(0.01, "backbone learning rate, the head gets 10x (the paper: 2.5e-4 from ImageNet weights)")
-    weight_decay: float = _f(5e-4, "SGD weight decay")
-    momentum: float = _f(0.9, "SGD momentum")
-    poly_power: float = _f(0.9, "poly decay power")
-    train_split: str = _f("train", "split to train on")
-    val_split: str | None = _f("val", "held-out split scored each epoch against its ground truth ('' for none)")
-    name: str = _f("deeplab", "run name; rerunning with the same name resumes")
-    max_failures: int = _f(2, "worker failures to recover from")
-    seed: int = _f(0, "random seed")
+    crop: int = option(96, "training crop size (the paper: 321 or 513)")
+    scale_range: tuple[float, ...] = option((0.5, 1.5), "random rescale range: low high")
+    epochs: int = option(10, "epochs")
+    batch_size: int = option(8, "batch size per worker")
+    num_workers: int = option(1, "Ray Train workers (DDP ranks)")
+    use_gpu: bool = option(False, "one GPU per worker, nccl, AMP")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per worker; the rest feed Ray Data")
+    lr: float = option(2.5e-3, "backbone learning rate, the head gets 10x (the paper: 2.5e-4 from ImageNet weights)")
+    weight_decay: float = option(5e-4, "SGD weight decay")
+    momentum: float = option(0.9, "SGD momentum")
+    poly_power: float = option(0.9, "poly decay power")
+    warmup_epochs: float = option(1.0, "linear warm-up before the poly decay (DeepLab-V2 has none; from scratch it "
+                                   "stops the early loss spikes)")
+    train_split: str = option("train", "split to train on")
+    val_split: str | None = option("val", "held-out split scored each epoch against its ground truth ('' for none)")
+    name: str = option("deeplab", "run name; rerunning with the same name resumes")
+    max_failures: int = option(2, "worker failures to recover from")
+    seed: int = option(0, "random seed")
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def deeplab_config(self) -> DeepLabConfig:
@@ -129,7 +130,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     steps_per_epoch = max(1, config["num_train"] // (cfg.batch_size * ctx.get_world_size()))
     optimizer = build_optimizer("sgd", model.param_groups(cfg.lr), cfg.lr, cfg.weight_decay, cfg.momentum)
-    scheduler = poly_schedule(optimizer, steps_per_epoch * cfg.epochs, power=cfg.poly_power)
+    scheduler = poly_schedule(optimizer, steps_per_epoch * cfg.epochs, power=cfg.poly_power,
+                              warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -158,17 +160,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if batches == 0:
             raise WsssError(f"rank {rank} got no training batch of {cfg.batch_size} in epoch {epoch + 1}: "
                             f"too few joined (image, mask) rows for {ctx.get_world_size()} workers")
-        row = {"epoch": epoch + 1, "loss_ce": loss_sum / batches, "lr": scheduler.get_last_lr()[0],
-               "train_batches": batches}
+        row = {"epoch": epoch + 1, "loss_ce": mean_over_ranks(loss_sum, batches, device),
+               "lr": scheduler.get_last_lr()[0], "train_batches": batches}
         if rank == 0:
             row.update(evaluate_segmenter(model, val_shard, num_classes, use_amp))
             row["epoch_seconds"] = round(time.time() - started, 2)
             history.append(row)
-            print(common.format_row(STAGE, row), flush=True)
+            common.worker_print(common.format_row(STAGE, row))
             common.report_epoch(row, lambda tmp: _save_checkpoint(tmp, cfg, config, model, optimizer, scheduler,
                                                                   scaler, epoch, history))
         else:
             common.report_epoch(row, None)
+
+
+def mean_over_ranks(total: float, count: int, device: torch.device) -> float:
+    """sum(total) / sum(count) over all DDP ranks, so the reported loss is the whole epoch's."""
+    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    return float(sums[0] / sums[1].clamp(min=1))
 
 
 @torch.no_grad()
