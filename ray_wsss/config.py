@@ -13,6 +13,11 @@ from ray_wsss import storage
 T = TypeVar("T")
 
 
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field with its flag's help text (and e.g. ``choices``); jobs/_cli.py turns it into a flag."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     """Build ``cls`` from a dict, accepting ``dash-names``; unknown keys are an error naming them."""
     fields = {f.name: f for f in dataclasses.fields(cls)}

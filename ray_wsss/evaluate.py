@@ -24,6 +24,7 @@ import numpy as np
 
 from ray_wsss.schema import IGNORE_INDEX
 from ray_wsss.storage import StorageOptions
+from ray_wsss.config import option
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))  # 0.00 .. 0.95
 SCORE_DTYPE = np.float32
@@ -225,12 +226,12 @@ KINDS = ("seeds", "masks")
 
 @dataclasses.dataclass
 class EvaluateConfig:
-    pred: str = dataclasses.field(default="runs/default/seeds", metadata={"help": "seeds or masks stage URI"})
-    data: str = dataclasses.field(default="runs/default/data", metadata={"help": "sample shards with gt_mask"})
-    kind: str = dataclasses.field(default="seeds", metadata={"help": "what --pred holds", "choices": KINDS})
-    out: str | None = dataclasses.field(default=None, metadata={"help": "where summary.json goes (default: <pred>/eval)"})
-    split: str | None = dataclasses.field(default=None, metadata={"help": "comma-separated splits to score (default: all)"})
-    threshold: float | None = dataclasses.field(default=None, metadata={"help": "seeds: score at this background threshold instead of sweeping"})
+    pred: str = option("runs/default/seeds", "seeds or masks stage URI")
+    data: str = option("runs/default/data", "sample shards with gt_mask")
+    kind: str = option("seeds", "what --pred holds", choices=KINDS)
+    out: str | None = option(None, "where summary.json goes (default: <pred>/eval)")
+    split: str | None = option(None, "comma-separated splits to score (default: all)")
+    threshold: float | None = option(None, "seeds: score at this background threshold instead of sweeping")
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
 

@@ -16,25 +16,23 @@ from ray_wsss import config as config_lib
 from ray_wsss import storage
 from ray_wsss.methods import METHODS
 from ray_wsss.storage import StorageOptions
+from ray_wsss.config import option
 
 log = logging.getLogger(__name__)
 STAGES = ("prepare", "train", "seeds", "eval_seeds", "masks", "eval_masks", "deeplab", "segment", "eval_segment")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
-
 
 @dataclasses.dataclass
 class PipelineConfig:
-    out: str = _f("runs/default", "output URI; each stage writes under <out>/<stage>/")
-    data: str | None = _f(None, "raw source (with --format) or prepared sample shards; default: synthetic data")
-    format: str = _f("synthetic", "layout of a raw --data", choices=("synthetic", "voc", "coco"))
-    annotations: str | None = _f(None, "COCO instances JSON when --format coco")
-    split: str = _f("train,val", "splits to prepare; the first trains, the last is scored")
-    method: str = _f("acr", "classifier method", choices=METHODS)
-    use_gpu: bool = _f(False, "GPUs for training, seeds and segmentation")
-    num_workers: int = _f(1, "Ray Train workers for both trainings")
+    out: str = option("runs/default", "output URI; each stage writes under <out>/<stage>/")
+    data: str | None = option(None, "raw source (with --format) or prepared sample shards; default: synthetic data")
+    format: str = option("synthetic", "layout of a raw --data", choices=("synthetic", "voc", "coco"))
+    annotations: str | None = option(None, "COCO instances JSON when --format coco")
+    split: str = option("train,val", "splits to prepare; the first trains, the last is scored")
+    method: str = option("acr", "classifier method", choices=METHODS)
+    use_gpu: bool = option(False, "GPUs for training, seeds and segmentation")
+    num_workers: int = option(1, "Ray Train workers for both trainings")
     prepare: dict = dataclasses.field(default_factory=dict)   # YAML only: per-stage overrides
     train: dict = dataclasses.field(default_factory=dict)
     seeds: dict = dataclasses.field(default_factory=dict)

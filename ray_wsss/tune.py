@@ -27,6 +27,7 @@ from ray_wsss import codec, evaluate, storage
 from ray_wsss.seeds import extract
 from ray_wsss.storage import StorageOptions
 from ray_wsss.train import classifier, common
+from ray_wsss.config import option
 
 log = logging.getLogger(__name__)
 SAMPLINGS = ("choice", "grid", "loguniform", "uniform")
@@ -42,35 +43,32 @@ TRIAL_MEMORY = 256 * 2**20
 SEED_ACTOR_CPUS = 1.0  # what extract's CPU actor pool gives each actor
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
-
 
 @dataclasses.dataclass
 class TuneACRConfig:
-    data: str = _f("runs/default/data", "sample shards URI (prepare_data's --out)")
-    out: str = _f("runs/default/tune", "output URI: Tune state, per-trial runs, best_config.yaml")
-    name: str = _f("tune_acr", "Tune experiment name")
-    num_samples: int = _f(8, "trials to sample (each grid point gets this many)")
-    max_concurrent_trials: int | None = _f(None, "default: the cluster's GPUs / GPUs per trial, else what its CPUs run without a hang")
-    epochs: int = _f(6, "training epochs per trial")
-    grace_period: int = _f(1, "ASHA: epochs every trial trains before it can be stopped")
-    reduction_factor: float = _f(2.0, "ASHA: a rung keeps the best 1/reduction_factor of trials")
-    asha_metric: str = _f("val_map", "per-epoch held-out metric ASHA compares (maximised)")
-    eval_split: str = _f("val", "labelled split (with gt masks) whose seed mIoU is the objective")
-    alpha: tuple[float, ...] = _f((0.0, 50.0, 125.0, 250.0), "Lact weight: values (choice, grid) or low high (loguniform, uniform)")
-    alpha_sampling: str = _f("choice", "how alpha is searched", choices=SAMPLINGS)
-    beta: tuple[float, ...] = _f((0.0, 50.0, 125.0, 250.0), "Laff weight: values or low high, as for alpha")
-    beta_sampling: str = _f("choice", "how beta is searched", choices=SAMPLINGS)
-    lr: tuple[float, ...] = _f((1e-4, 1e-3), "learning rate: values or low high")
-    lr_sampling: str = _f("loguniform", "how lr is searched", choices=SAMPLINGS)
-    layers: tuple[int, ...] = _f((1, 2, 3), "seed extraction's last layers: values or low high")
-    layers_sampling: str = _f("choice", "how layers is searched", choices=SAMPLINGS)
-    num_workers: int = _f(1, "Ray Train workers per trial")
-    cpus_per_worker: float = _f(0.5, "CPUs per Train worker (the rest feed Ray Data and the seed actors)")
-    use_gpu: bool = _f(False, "one GPU per Train worker and per seed actor")
-    search_seed: int = _f(0, "seed of the sampled configurations")
-    max_failures: int = _f(0, "Tune: restarts of a failed trial (its Train run resumes)")
+    data: str = option("runs/default/data", "sample shards URI (prepare_data's --out)")
+    out: str = option("runs/default/tune", "output URI: Tune state, per-trial runs, best_config.yaml")
+    name: str = option("tune_acr", "Tune experiment name")
+    num_samples: int = option(8, "trials to sample (each grid point gets this many)")
+    max_concurrent_trials: int | None = option(None, "default: the cluster's GPUs / GPUs per trial, else what its CPUs run without a hang")
+    epochs: int = option(6, "training epochs per trial")
+    grace_period: int = option(1, "ASHA: epochs every trial trains before it can be stopped")
+    reduction_factor: float = option(2.0, "ASHA: a rung keeps the best 1/reduction_factor of trials")
+    asha_metric: str = option("val_map", "per-epoch held-out metric ASHA compares (maximised)")
+    eval_split: str = option("val", "labelled split (with gt masks) whose seed mIoU is the objective")
+    alpha: tuple[float, ...] = option((0.0, 50.0, 125.0, 250.0), "Lact weight: values (choice, grid) or low high (loguniform, uniform)")
+    alpha_sampling: str = option("choice", "how alpha is searched", choices=SAMPLINGS)
+    beta: tuple[float, ...] = option((0.0, 50.0, 125.0, 250.0), "Laff weight: values or low high, as for alpha")
+    beta_sampling: str = option("choice", "how beta is searched", choices=SAMPLINGS)
+    lr: tuple[float, ...] = option((1e-4, 1e-3), "learning rate: values or low high")
+    lr_sampling: str = option("loguniform", "how lr is searched", choices=SAMPLINGS)
+    layers: tuple[int, ...] = option((1, 2, 3), "seed extraction's last layers: values or low high")
+    layers_sampling: str = option("choice", "how layers is searched", choices=SAMPLINGS)
+    num_workers: int = option(1, "Ray Train workers per trial")
+    cpus_per_worker: float = option(0.5, "CPUs per Train worker (the rest feed Ray Data and the seed actors)")
+    use_gpu: bool = option(False, "one GPU per Train worker and per seed actor")
+    search_seed: int = option(0, "seed of the sampled configurations")
+    max_failures: int = option(0, "Tune: restarts of a failed trial (its Train run resumes)")
     train: dict = dataclasses.field(default_factory=dict)  # YAML only: fixed TrainClassifierConfig fields
     seeds: dict = dataclasses.field(default_factory=dict)  # YAML only: fixed ExtractSeedsConfig fields
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)

@@ -12,6 +12,7 @@ from ray_wsss import config as config_lib
 from ray_wsss import stage, storage
 from ray_wsss.errors import WsssError
 from ray_wsss.storage import StorageOptions
+from ray_wsss.config import option
 
 log = logging.getLogger(__name__)
 STAGE = "prepare"
@@ -20,19 +21,19 @@ FORMATS = ("synthetic", "voc", "coco")
 
 @dataclasses.dataclass
 class PrepareConfig:
-    out: str = dataclasses.field(default="runs/default/data", metadata={"help": "output URI (local path or s3://)"})
-    format: str = dataclasses.field(default="synthetic", metadata={"help": "source layout", "choices": FORMATS})
-    src: str | None = dataclasses.field(default=None, metadata={"help": "source root URI (VOCdevkit/VOC2012, COCO image folder); unused for synthetic"})
-    split: str = dataclasses.field(default="train,val", metadata={"help": "comma-separated split names, e.g. train_aug,val"})
-    annotations: str | None = dataclasses.field(default=None, metadata={"help": "COCO instances JSON URI"})
-    max_errors: int | None = dataclasses.field(default=None, metadata={"help": "fail when more records than this fail (default: never)"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "synthetic: generator seed"})
-    num_train: int | None = dataclasses.field(default=None, metadata={"help": "synthetic: train images (default: the generator's)"})
-    num_val: int | None = dataclasses.field(default=None, metadata={"help": "synthetic: val images (default: the generator's)"})
-    min_size: int | None = dataclasses.field(default=None, metadata={"help": "synthetic: smallest image side (default: the generator's)"})
-    max_size: int | None = dataclasses.field(default=None, metadata={"help": "synthetic: largest image side (default: the generator's)"})
-    batch_size: int = dataclasses.field(default=16, metadata={"help": "records per Ray Data batch"})
-    overwrite: bool = dataclasses.field(default=False, metadata={"help": "redo a stage that is already committed"})
+    out: str = option("runs/default/data", "output URI (local path or s3://)")
+    format: str = option("synthetic", "source layout", choices=FORMATS)
+    src: str | None = option(None, "source root URI (VOCdevkit/VOC2012, COCO image folder); unused for synthetic")
+    split: str = option("train,val", "comma-separated split names, e.g. train_aug,val")
+    annotations: str | None = option(None, "COCO instances JSON URI")
+    max_errors: int | None = option(None, "fail when more records than this fail (default: never)")
+    seed: int = option(0, "synthetic: generator seed")
+    num_train: int | None = option(None, "synthetic: train images (default: the generator's)")
+    num_val: int | None = option(None, "synthetic: val images (default: the generator's)")
+    min_size: int | None = option(None, "synthetic: smallest image side (default: the generator's)")
+    max_size: int | None = option(None, "synthetic: largest image side (default: the generator's)")
+    batch_size: int = option(16, "records per Ray Data batch")
+    overwrite: bool = option(False, "redo a stage that is already committed")
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def splits(self) -> list[str]:

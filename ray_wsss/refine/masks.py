@@ -4,6 +4,11 @@ CPU steering: on clusters whose CPU nodes advertise the custom resource ``crf_po
 cluster.yaml and ray_wsss.cluster), every CRF actor asks for it, so CRF work lands only on the CPU
 node type and never takes the CPUs that GPU nodes keep for their seed-extraction actors. Without
 that resource (a laptop) actors take plain CPUs.
+
+Where the CRF ran: each actor, on its first batch, drops an empty marker named by its Ray node id
+(``ray.get_runtime_context().get_node_id()``) under ``<out>/_staging/worker_nodes/``; the commit
+puts the sorted node ids in ``dataset.json`` and ``summary.json`` as ``"worker_nodes"`` (markers
+of an earlier, crashed run of the same stage count too: those nodes made some of the masks).
 """
 from __future__ import annotations
 
@@ -22,40 +27,39 @@ from ray_wsss.cluster import CPU_POOL_RESOURCE, pool_resources
 from ray_wsss.errors import RecordError
 from ray_wsss.refine.crf import CRFConfig, LabellingConfig, make_mask
 from ray_wsss.storage import StorageOptions
+from ray_wsss.config import option
 
 log = logging.getLogger(__name__)
 STAGE = "masks"
 DEFAULT_THRESHOLD = 0.5
+NODES_DIR = "worker_nodes"  # under <out>/_staging/: one empty marker per node whose CRF actors made masks
 
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
 @dataclasses.dataclass
 class MakeMasksConfig:
-    seeds: str = _f("runs/default/seeds", "seeds stage URI")
-    data: str = _f("runs/default/data", "sample shards URI (images)")
-    out: str = _f("runs/default/masks", "output URI")
-    split: str | None = _f(None, "comma-separated splits (default: the splits the seeds were extracted for)")
-    threshold: float | None = _f(None, "background threshold (default: the best one from evaluating the seeds)")
-    background: str = _f("threshold", "background score: constant threshold, or PSA (1-max)^alpha", choices=("threshold", "power"))
-    power_alpha: float = _f(8.0, "alpha of the PSA background")
-    crf: bool = _f(True, "dense CRF refinement (--no-crf: argmax of the seeds)")
-    crf_iterations: int = _f(10, "mean-field iterations")
-    crf_gaussian_sxy: float = _f(3.0, "Gaussian kernel spatial std")
-    crf_gaussian_compat: float = _f(3.0, "Gaussian kernel compatibility")
-    crf_bilateral_sxy: float = _f(80.0, "bilateral kernel spatial std")
-    crf_bilateral_srgb: float = _f(13.0, "bilateral kernel colour std")
-    crf_bilateral_compat: float = _f(10.0, "bilateral kernel compatibility")
-    crf_scale: float = _f(10.0, "logit scale of the seed scores before the softmax unary")
-    ignore_low: float | None = _f(None, "pixels with confidence in [low, high) become 255 (off by default)")
-    ignore_high: float | None = _f(None, "upper end of the ignore band")
-    num_cpus_per_task: float = _f(1.0, "CPUs per CRF actor")
-    num_actors: int | None = _f(None, "CRF actors (default: every CPU the pool has)")
-    batch_size: int = _f(4, "images per batch")
-    max_errors: int | None = _f(None, "fail when more images than this fail")
-    overwrite: bool = _f(False, "redo a committed stage")
+    seeds: str = option("runs/default/seeds", "seeds stage URI")
+    data: str = option("runs/default/data", "sample shards URI (images)")
+    out: str = option("runs/default/masks", "output URI")
+    split: str | None = option(None, "comma-separated splits (default: the splits the seeds were extracted for)")
+    threshold: float | None = option(None, "background threshold (default: the best one from evaluating the seeds)")
+    background: str = option("threshold", "background score: constant threshold, or PSA (1-max)^alpha", choices=("threshold", "power"))
+    power_alpha: float = option(8.0, "alpha of the PSA background")
+    crf: bool = option(True, "dense CRF refinement (--no-crf: argmax of the seeds)")
+    crf_iterations: int = option(10, "mean-field iterations")
+    crf_gaussian_sxy: float = option(3.0, "Gaussian kernel spatial std")
+    crf_gaussian_compat: float = option(3.0, "Gaussian kernel compatibility")
+    crf_bilateral_sxy: float = option(80.0, "bilateral kernel spatial std")
+    crf_bilateral_srgb: float = option(13.0, "bilateral kernel colour std")
+    crf_bilateral_compat: float = option(10.0, "bilateral kernel compatibility")
+    crf_scale: float = option(10.0, "logit scale of the seed scores before the softmax unary")
+    ignore_low: float | None = option(None, "pixels with confidence in [low, high) become 255 (off by default)")
+    ignore_high: float | None = option(None, "upper end of the ignore band")
+    num_cpus_per_task: float = option(1.0, "CPUs per CRF actor")
+    num_actors: int | None = option(None, "CRF actors (default: every CPU the pool has)")
+    batch_size: int = option(4, "images per batch")
+    max_errors: int | None = option(None, "fail when more images than this fail")
+    overwrite: bool = option(False, "redo a committed stage")
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def labelling(self, threshold: float) -> LabellingConfig:
@@ -94,10 +98,25 @@ class MaskMaker:
     def __init__(self, cfg: MakeMasksConfig, threshold: float):
         self.labelling = cfg.labelling(threshold)
         self.sink = stage.ErrorSink(cfg.out, STAGE, cfg.storage)
+        self.out, self.options, self.node_recorded = cfg.out, cfg.storage, False
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        if not self.node_recorded:
+            record_node(self.out, self.options)
+            self.node_recorded = True
         return stage.map_records(stage.batch_records(batch), "masks", lambda r: mask_row(r, self.labelling),
                                  lambda r: str(r["image_id"]), self.sink)
+
+
+def record_node(out: str, options: StorageOptions | None) -> None:
+    """Mark the Ray node this process runs on as one the CRF ran on (see the module docstring)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    storage.write_bytes(storage.join(out, storage.STAGING_DIR, NODES_DIR, node_id), b"", options)
+
+
+def worker_nodes(out: str, options: StorageOptions | None) -> list[str]:
+    """Sorted ids of the nodes whose CRF actors staged masks for ``out`` (before its commit)."""
+    return storage.list_files(storage.join(out, storage.STAGING_DIR, NODES_DIR), options)
 
 
 def resolve_threshold(cfg: MakeMasksConfig) -> tuple[float, str]:
@@ -149,6 +168,7 @@ def run(cfg: MakeMasksConfig) -> dict[str, Any]:
         MaskMaker, fn_constructor_args=(cfg, threshold), batch_size=cfg.batch_size, compute=compute,
         batch_format="numpy", **remote_args)
     stage.write_rows(masks, cfg.out, "masks", cfg.storage)
+    nodes = worker_nodes(cfg.out, cfg.storage)
 
     metadata = {
         "table": "masks",
@@ -158,10 +178,12 @@ def run(cfg: MakeMasksConfig) -> dict[str, Any]:
         "threshold": threshold,
         "threshold_source": threshold_source,
         "crf": cfg.crf,
+        "worker_nodes": nodes,
         "job": "make_masks",
         "config": config_lib.to_dict(cfg),
     }
-    summary = {"stage": STAGE, "out": cfg.out, "threshold": threshold, "crf": cfg.crf, "seconds": timer.seconds()}
+    summary = {"stage": STAGE, "out": cfg.out, "threshold": threshold, "crf": cfg.crf, "worker_nodes": nodes,
+               "seconds": timer.seconds()}
     summary = stage.commit(cfg.out, "masks", metadata, summary, cfg.max_errors, cfg.storage)
     write_contact_sheet(cfg, threshold)
     return summary

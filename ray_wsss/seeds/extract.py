@@ -24,33 +24,31 @@ from ray_wsss.models import build_classifier
 from ray_wsss.models.vit import ViTConfig
 from ray_wsss.storage import StorageOptions
 from ray_wsss.train import checkpoints
+from ray_wsss.config import option
 
 log = logging.getLogger(__name__)
 STAGE = "seeds"
 SCORES_FORMAT = "npy float16 [len(classes), height, width]"
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
-
 
 @dataclasses.dataclass
 class ExtractSeedsConfig:
-    checkpoint: str = _f("runs/default/train", "a checkpoint dir, or a training job's --out (its latest checkpoint)")
-    data: str = _f("runs/default/data", "sample shards URI")
-    out: str = _f("runs/default/seeds", "output URI")
-    split: str | None = _f(None, "comma-separated splits to extract (default: all)")
-    scales: tuple[float, ...] = _f((1.0,), "test-time scales")
-    flip: bool = _f(True, "add horizontally flipped inputs")
-    layers: int | None = _f(None, "last layers whose maps are combined (default: 2 for ACR/baseline, 3 for MCTformer)")
-    refine: bool = _f(True, "refine with patch-to-patch attention (--no-refine: ACR*)")
-    refine_layers: tuple[int, ...] | None = _f(None, "blocks whose patch affinity refines (default: all)")
-    base_size: int | None = _f(None, "resize the longer image side to this before scaling (default: native)")
-    batch_size: int = _f(8, "images per actor batch")
-    use_gpu: bool = _f(False, "one GPU per actor")
-    num_actors: int | None = _f(None, "actor pool size (default: the cluster's GPUs, or CPUs minus one)")
-    max_errors: int | None = _f(None, "fail when more images than this fail")
-    overwrite: bool = _f(False, "redo a committed stage")
+    checkpoint: str = option("runs/default/train", "a checkpoint dir, or a training job's --out (its latest checkpoint)")
+    data: str = option("runs/default/data", "sample shards URI")
+    out: str = option("runs/default/seeds", "output URI")
+    split: str | None = option(None, "comma-separated splits to extract (default: all)")
+    scales: tuple[float, ...] = option((1.0,), "test-time scales")
+    flip: bool = option(True, "add horizontally flipped inputs")
+    layers: int | None = option(None, "last layers whose maps are combined (default: 2 for ACR/baseline, 3 for MCTformer)")
+    refine: bool = option(True, "refine with patch-to-patch attention (--no-refine: ACR*)")
+    refine_layers: tuple[int, ...] | None = option(None, "blocks whose patch affinity refines (default: all)")
+    base_size: int | None = option(None, "resize the longer image side to this before scaling (default: native)")
+    batch_size: int = option(8, "images per actor batch")
+    use_gpu: bool = option(False, "one GPU per actor")
+    num_actors: int | None = option(None, "actor pool size (default: the cluster's GPUs, or CPUs minus one)")
+    max_errors: int | None = option(None, "fail when more images than this fail")
+    overwrite: bool = option(False, "redo a committed stage")
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
 

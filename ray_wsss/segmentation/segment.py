@@ -25,36 +25,34 @@ from ray_wsss.segmentation.infer import normalize_image, predict_probs
 from ray_wsss.storage import StorageOptions
 from ray_wsss.train import checkpoints
 from ray_wsss.train.segmenter import load_segmenter
+from ray_wsss.config import option
 
 log = logging.getLogger(__name__)
 STAGE = "segment"
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
-
 
 @dataclasses.dataclass
 class SegmentConfig:
-    checkpoint: str = _f("runs/default/deeplab", "a DeepLab checkpoint dir, or train_deeplab's --out (its latest)")
-    data: str = _f("runs/default/data", "sample shards URI")
-    out: str = _f("runs/default/segment", "output URI")
-    split: str = _f("val", "comma-separated splits to segment")
-    scales: tuple[float, ...] = _f((1.0,), "test-time scales (the paper: 0.5 0.75 1.0 1.25 1.5)")
-    flip: bool = _f(True, "add horizontally flipped inputs")
-    crf: bool = _f(False, "dense CRF on the fused probabilities")
+    checkpoint: str = option("runs/default/deeplab", "a DeepLab checkpoint dir, or train_deeplab's --out (its latest)")
+    data: str = option("runs/default/data", "sample shards URI")
+    out: str = option("runs/default/segment", "output URI")
+    split: str = option("val", "comma-separated splits to segment")
+    scales: tuple[float, ...] = option((1.0,), "test-time scales (the paper: 0.5 0.75 1.0 1.25 1.5)")
+    flip: bool = option(True, "add horizontally flipped inputs")
+    crf: bool = option(False, "dense CRF on the fused probabilities")
     # deeplab-pytorch's VOC values, which ACR's segmentation step uses.
-    crf_iterations: int = _f(10, "mean-field iterations")
-    crf_gaussian_sxy: float = _f(1.0, "Gaussian kernel spatial std")
-    crf_gaussian_compat: float = _f(3.0, "Gaussian kernel compatibility")
-    crf_bilateral_sxy: float = _f(67.0, "bilateral kernel spatial std")
-    crf_bilateral_srgb: float = _f(3.0, "bilateral kernel colour std")
-    crf_bilateral_compat: float = _f(4.0, "bilateral kernel compatibility")
-    batch_size: int = _f(8, "images per actor batch")
-    use_gpu: bool = _f(False, "one GPU per actor")
-    num_actors: int | None = _f(None, "actor pool size (default: the cluster's GPUs, or CPUs minus one)")
-    max_errors: int | None = _f(None, "fail when more images than this fail")
-    overwrite: bool = _f(False, "redo a committed stage")
+    crf_iterations: int = option(10, "mean-field iterations")
+    crf_gaussian_sxy: float = option(1.0, "Gaussian kernel spatial std")
+    crf_gaussian_compat: float = option(3.0, "Gaussian kernel compatibility")
+    crf_bilateral_sxy: float = option(67.0, "bilateral kernel spatial std")
+    crf_bilateral_srgb: float = option(3.0, "bilateral kernel colour std")
+    crf_bilateral_compat: float = option(4.0, "bilateral kernel compatibility")
+    batch_size: int = option(8, "images per actor batch")
+    use_gpu: bool = option(False, "one GPU per actor")
+    num_actors: int | None = option(None, "actor pool size (default: the cluster's GPUs, or CPUs minus one)")
+    max_errors: int | None = option(None, "fail when more images than this fail")
+    overwrite: bool = option(False, "redo a committed stage")
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def crf_config(self) -> CRFConfig | None:
