@@ -8,6 +8,10 @@ plain side is a single-process loop timed the same way. Epoch 1 is warm-up on bo
 start, worker start, first Ray Data pipeline, allocator) and is left out: throughput is the train
 images of epochs 2..N over their seconds. Prints images/s of each and the ratio ray/plain.
 
+Ray runs its worker processes at nice 15; on a machine shared with other work that alone starves
+them against the nice-0 plain loop, so the bench starts Ray with RAY_worker_niceness=0 (both sides
+equal; pass --ray-niceness 15 for Ray's default).
+
 Run: python bench/bench_train.py [--num-train 256] [--img-size 96] [--depth 12] [--epochs 5]
      [--plain-loader-workers 1]   # plain side decodes in a DataLoader worker, like Ray Data does
 """
@@ -144,6 +148,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs (default: all)")
+    parser.add_argument("--ray-niceness", type=int, default=0,
+                        help="nice value of Ray's worker processes (Ray's default: 15; the plain loop runs at 0)")
     parser.add_argument("--plain-loader-workers", type=int, default=0,
                         help="DataLoader worker processes for the plain loop (0: decode in the training process)")
     args = parser.parse_args()
@@ -151,6 +157,7 @@ def main() -> None:
         parser.error("--epochs must be at least 2: epoch 1 is warm-up")
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
+    os.environ["RAY_worker_niceness"] = str(args.ray_niceness)  # read by the raylet ray.init starts
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True)
     data = os.path.join(workdir, f"data_{args.num_train}_{args.num_val}")
     prepare(PrepareConfig(out=data, num_train=args.num_train, num_val=args.num_val))
@@ -174,7 +181,8 @@ def main() -> None:
                    if k in ("method", "model", "img_size", "patch_size", "depth", "embed_dim", "num_heads",
                             "batch_size", "epochs", "cpus_per_worker")},
         "num_train": args.num_train, "num_val": args.num_val, "torch_threads": threads,
-        "plain_loader_workers": args.plain_loader_workers, "cluster_cpus": ray.cluster_resources().get("CPU"),
+        "plain_loader_workers": args.plain_loader_workers, "ray_worker_niceness": args.ray_niceness,
+        "cluster_cpus": ray.cluster_resources().get("CPU"),
         "plain_epoch_seconds": [row["epoch_seconds"] for row in plain],
         "plain_train_seconds": [row["train_seconds"] for row in plain],
         "ray_epoch_seconds": [row["epoch_seconds"] for row in ray_history],

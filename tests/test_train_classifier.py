@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fixtures_train import NUM_TRAIN, TINY, read_metrics, tiny_config, tiny_data
+from fixtures_train import NUM_TRAIN, TINY, read_metrics, tiny_config, tiny_data, worker_lines
 from ray_wsss import storage
 from ray_wsss.train import checkpoints, classifier
 
@@ -87,7 +87,10 @@ def test_rerun_with_the_same_name_resumes(ddp_run, tmp_path, capfd):
     summary = classifier.run(cfg)
 
     driver_log = capfd.readouterr().out
-    assert f"[train] run {cfg.name!r} exists: resuming from checkpoint {os.path.join(out, cfg.name)}" in driver_log
+    run_dir = os.path.join(out, cfg.name)
+    assert f"[train] run {cfg.name!r} exists: resuming from checkpoint {run_dir}" in driver_log
+    [resumed_log] = worker_lines(f"[train] resuming from checkpoint {run_dir}{os.sep}").values()
+    assert [line.split()[1] for line in resumed_log if "[train] epoch=" in line] == ["epoch=3"]  # one more epoch
     assert summary["epochs"] == 3
     rows = read_metrics(out)
     assert [row["epoch"] for row in rows] == [1, 2, 3]

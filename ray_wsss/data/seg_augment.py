@@ -46,7 +46,7 @@ class SegmentationTransform:
     def augment(self, rgb: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [H,W,3] and uint8 [H,W] -> normalised float32 [3,S,S] and int64 [S,S] (255 = ignore)."""
         image = normalize(rgb)
-        target = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        target = torch.tensor(mask, dtype=torch.int64)
         scale = rng.uniform(*self.scale_range)
         height, width = rgb.shape[:2]
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
@@ -72,7 +72,8 @@ def decode_pair(image_id: str, image_bytes: bytes, mask_bytes: bytes | None,
     if mask_bytes is None:
         raise RecordError(image_id, "no mask to train on")
     try:
-        rgb, mask = codec.decode_image(image_bytes), codec.decode_mask(mask_bytes)
+        # Writable copies: torch.from_numpy warns on the read-only arrays PIL hands out.
+        rgb, mask = np.array(codec.decode_image(image_bytes)), np.array(codec.decode_mask(mask_bytes))
     except Exception as err:  # noqa: BLE001
         raise RecordError(image_id, f"cannot decode image or mask: {type(err).__name__}: {err}") from err
     if mask.shape != rgb.shape[:2]:
