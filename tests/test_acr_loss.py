@@ -136,3 +136,16 @@ def test_baseline_has_only_classification():
     torch.testing.assert_close(losses["total"], F.multilabel_soft_margin_loss(out.logits, LABELS))
     with pytest.raises(ValueError, match="labels"):
         baseline_losses(out, LABELS[:, :2])
+
+
+def test_default_weights_are_the_papers_with_pretrained_weights_and_small_from_scratch():
+    from ray_wsss.methods import FROM_SCRATCH_WEIGHT, PRETRAINED_WEIGHT
+    from ray_wsss.train.classifier import TrainClassifierConfig
+
+    assert PRETRAINED_WEIGHT == 125.0
+    assert TrainClassifierConfig(weights="deit_tiny.pth").consistency_weights() == (125.0, 125.0)
+    assert TrainClassifierConfig().consistency_weights() == (FROM_SCRATCH_WEIGHT, FROM_SCRATCH_WEIGHT)
+    assert TrainClassifierConfig(alpha=7.0).consistency_weights() == (7.0, FROM_SCRATCH_WEIGHT)
+    for method in ("baseline", "mct-v1", "mct-v2"):
+        assert TrainClassifierConfig(method=method, weights="w.pth").consistency_weights() == (0.0, 0.0)
+    assert TrainClassifierConfig(method="mct-v2", alpha=125.0, beta=125.0).consistency_weights() == (125.0, 125.0)

@@ -39,7 +39,7 @@ def test_search_space_flags_and_validation():
     assert space["lr"] == {"grid_search": [1e-4, 1e-3]}
     assert (space["alpha"].lower, space["alpha"].upper) == (10.0, 300.0)
     assert (space["layers"].lower, space["layers"].upper) == (1, 4)  # Tune's randint excludes the upper bound
-    assert set(space["beta"].categories) == {0.0, 50.0, 125.0, 250.0}
+    assert set(space["beta"].categories) == {0.0, 1.0, 5.0, 25.0, 125.0}
 
     with pytest.raises(ValueError, match="loguniform needs a low bound > 0"):
         tune.TuneACRConfig(alpha=(0.0, 300.0), alpha_sampling="loguniform")

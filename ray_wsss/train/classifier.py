@@ -54,8 +54,8 @@ class TrainClassifierConfig:
     num_workers: int = option(1, "Ray Train workers (DDP ranks)")
     use_gpu: bool = option(False, "one GPU per worker, nccl, AMP")
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker; the rest feed Ray Data")
-    alpha: float | None = option(None, "weight of Lact (default: 125 for acr, 0 for baseline/mct)")
-    beta: float | None = option(None, "weight of Laff (default: 125 for acr, 0 for baseline/mct)")
+    alpha: float | None = option(None, "weight of Lact (default for acr: 125 with --weights, as the paper; 1 from random init; 0 for baseline/mct)")
+    beta: float | None = option(None, "weight of Laff (default: as --alpha)")
     acr_layers: tuple[int, ...] | None = option(None, "blocks whose attention the ACR losses use (default: all)")
     view_scales: tuple[float, ...] = option((1.0, 1.25), "resize factors a second view may use")
     optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
@@ -76,7 +76,7 @@ class TrainClassifierConfig:
                          weights=self.weights)
 
     def consistency_weights(self) -> tuple[float, float]:
-        alpha, beta = default_consistency_weights(self.method)
+        alpha, beta = default_consistency_weights(self.method, pretrained=bool(self.weights))
         return (alpha if self.alpha is None else self.alpha, beta if self.beta is None else self.beta)
 
 
