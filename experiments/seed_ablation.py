@@ -5,7 +5,8 @@ without patch-affinity refinement, and score both at their best background thres
 reference is scored too: every labelled class uniform over its whole image. Finished steps are
 skipped on a rerun (each writes a committed stage under --out), so a crashed sweep continues.
 
-Run: python experiments/seed_ablation.py [--out runs/ablation] [--methods acr,baseline,mct-v1,mct-v2,mct-v2+acr]
+Run: python experiments/seed_ablation.py [--out runs/ablation]
+         [--methods acr,baseline,acr-from-baseline,mct-v1,mct-v2,mct-v2+acr]
      [--epochs N]
 Prints one JSON line per result, then a table; writes <out>/ablation.json.
 """
@@ -24,12 +25,14 @@ from ray_wsss import codec, evaluate, storage
 from ray_wsss.data import prepare
 from ray_wsss.methods import FROM_SCRATCH_WEIGHT
 from ray_wsss.seeds import extract
-from ray_wsss.train import classifier
+from ray_wsss.train import checkpoints, classifier
 
 # label -> (method, alpha, beta); None = the method's default weights
 VARIANTS = {
     "acr": ("acr", None, None),
     "baseline": ("baseline", None, None),
+    # The paper's setting: pretrained weights (here the baseline's) and alpha = beta = 125.
+    "acr-from-baseline": ("acr", None, None),
     "mct-v1": ("mct-v1", None, None),
     "mct-v2": ("mct-v2", None, None),
     "mct-v2+acr": ("mct-v2", FROM_SCRATCH_WEIGHT, FROM_SCRATCH_WEIGHT),  # ACR's from-scratch weights
@@ -38,8 +41,12 @@ VARIANTS = {
 
 def train(data: str, out: str, label: str, epochs: int | None) -> dict:
     method, alpha, beta = VARIANTS[label]
+    weights = None
+    if label == "acr-from-baseline":
+        baseline = train(data, out, "baseline", epochs)
+        weights = os.path.join(baseline["checkpoint"], checkpoints.MODEL_FILE)
     cfg = classifier.TrainClassifierConfig(data=data, out=os.path.join(out, label, "train"), method=method,
-                                           alpha=alpha, beta=beta, name=label)
+                                           alpha=alpha, beta=beta, name=label, weights=weights)
     if epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=epochs)
     if storage.is_committed(cfg.out):

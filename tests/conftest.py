@@ -77,13 +77,38 @@ def start_local_ray(attempts: int = 3, **kwargs):
                 raise
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for the whole session (starting Ray costs seconds)."""
+def ensure_local_ray():
+    """Start the tests' local Ray (2 CPUs, no dashboard) unless this process is connected to a Ray already."""
     import ray
 
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
                         runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield ray
+    return ray
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Restart the local Ray for a test that uses ``ray_local`` if an earlier test shut it down.
+
+    The fixture is session-scoped (one start per session), so its body runs once; a test with its
+    own cluster (tests/test_pipeline_multinode.py) shuts the local Ray down. This runs before any
+    fixture of ``item`` is set up, module-scoped ones that depend on ``ray_local`` included.
+    """
+    if "ray_local" in item.fixturenames and "ray" in sys.modules:
+        import ray
+
+        if not ray.is_initialized():
+            ensure_local_ray()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (starting Ray costs seconds).
+
+    Restarted by :func:`pytest_runtest_setup` for later tests if a test shut it down.
+    """
+    yield ensure_local_ray()
+    import ray
+
     ray.shutdown()
