@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 def parse_config(cls: type[T], description: str, argv: list[str] | None = None) -> T:
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # defaults: _add_flag
     parser.add_argument("--config", help="YAML file (local or s3://) with any of the options below")
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -59,7 +59,8 @@ def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, kind: A
         default = field.default_factory()
     else:
         default = None
-    help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+    if "default" not in help_text:  # some help texts already say how the default is chosen
+        help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
     choices = field.metadata.get("choices")
     if kind is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
