@@ -21,6 +21,7 @@ import time
 import numpy as np
 import ray
 
+from ray_wsss.cluster import LOCAL_RUNTIME_ENV
 from ray_wsss import codec, evaluate, storage
 from ray_wsss.data import prepare
 from ray_wsss.methods import FROM_SCRATCH_WEIGHT
@@ -98,7 +99,7 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; choose from {sorted(VARIANTS)}")
 
     started = time.time()
-    ray.init(runtime_env={"worker_process_setup_hook": "ray_wsss.cluster.quiet_worker_logging"})
+    ray.init(runtime_env=LOCAL_RUNTIME_ENV)
     data = args.data or os.path.join(args.out, "data")
     if not args.data:
         prepare.run(prepare.PrepareConfig(out=data))

@@ -19,6 +19,7 @@ import time
 
 import ray
 
+from ray_wsss.cluster import LOCAL_RUNTIME_ENV
 from ray_wsss import config as config_lib
 from ray_wsss import evaluate, storage
 from ray_wsss.refine import masks
@@ -43,7 +44,7 @@ def main() -> None:
     run, out = args.run, os.path.join(args.run, "ablation")
     data = os.path.join(run, "data")
     started = time.time()
-    ray.init(runtime_env={"worker_process_setup_hook": "ray_wsss.cluster.quiet_worker_logging"})
+    ray.init(runtime_env=LOCAL_RUNTIME_ENV)
     rows = []
 
     def record(name: str, result: dict) -> None:

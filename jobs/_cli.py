@@ -84,7 +84,9 @@ def init_ray() -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # a local Ray: no dashboard unless ray[default] is installed
-        ray.init(log_to_driver=True, runtime_env={"worker_process_setup_hook": "ray_wsss.cluster.quiet_worker_logging"})
+        from ray_wsss.cluster import LOCAL_RUNTIME_ENV
+
+        ray.init(log_to_driver=True, runtime_env=LOCAL_RUNTIME_ENV)
 
 
 def print_summary(summary: dict[str, Any]) -> None:

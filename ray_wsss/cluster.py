@@ -60,6 +60,28 @@ def pool_resources(pool: str, amount: float = 1.0,
     return {}
 
 
+def model_actor_pool(use_gpu: bool, num_actors: int | None):
+    """(ActorPoolStrategy, map_batches resource args) for a stage whose actors each hold a model.
+
+    A GPU each on GPU clusters (on the GPU pool's nodes); otherwise one CPU each, for every CPU bar one
+    (left to Ray Data's read and write tasks). ``num_actors`` caps the pool instead.
+    """
+    import ray
+    import ray.data
+
+    resources = ray.cluster_resources()
+    if use_gpu:
+        size = num_actors or max(1, int(resources.get("GPU", 1)))
+        return ray.data.ActorPoolStrategy(min_size=1, max_size=size), {
+            "num_gpus": 1, "resources": pool_resources(GPU_POOL_RESOURCE, 1)}
+    size = num_actors or max(1, int(resources.get("CPU", 2)) - 1)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=size), {"num_cpus": 1}
+
+
+# runtime_env for a local Ray started by a job or script: see quiet_worker_logging.
+LOCAL_RUNTIME_ENV = {"worker_process_setup_hook": "ray_wsss.cluster.quiet_worker_logging"}
+
+
 def quiet_worker_logging() -> None:
     """Ray worker setup hook for clusters without a dashboard (a plain ``pip install ray[train,data,tune]``).
 

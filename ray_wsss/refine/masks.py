@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from ray_wsss import codec, schema, stage, storage
+from ray_wsss import codec, stage, storage
 from ray_wsss import config as config_lib
 from ray_wsss.cluster import CPU_POOL_RESOURCE, pool_resources
 from ray_wsss.errors import RecordError

@@ -13,8 +13,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import ray
-import ray.data
 import torch
 
 from ray_wsss import codec, stage, storage
@@ -25,6 +23,7 @@ from ray_wsss.segmentation.infer import normalize_image, predict_probs
 from ray_wsss.storage import StorageOptions
 from ray_wsss.train import checkpoints
 from ray_wsss.train.segmenter import load_segmenter
+from ray_wsss.cluster import model_actor_pool
 from ray_wsss.config import option
 
 log = logging.getLogger(__name__)
@@ -102,18 +101,6 @@ class Segmenter:
                                  lambda r: str(r["image_id"]), self.sink)
 
 
-def _pool(cfg: SegmentConfig) -> tuple[ray.data.ActorPoolStrategy, dict[str, Any]]:
-    """Actor pool size and per-actor resources: a GPU each on GPU clusters, else CPUs bar one."""
-    from ray_wsss.cluster import GPU_POOL_RESOURCE, pool_resources
-
-    resources = ray.cluster_resources()
-    if cfg.use_gpu:
-        size = cfg.num_actors or max(1, int(resources.get("GPU", 1)))
-        return ray.data.ActorPoolStrategy(min_size=1, max_size=size), {
-            "num_gpus": 1, "resources": pool_resources(GPU_POOL_RESOURCE, 1)}
-    size = cfg.num_actors or max(1, int(resources.get("CPU", 2)) - 1)
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=size), {"num_cpus": 1}
-
 
 def run(cfg: SegmentConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
@@ -141,7 +128,7 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     done = stage.done_ids(cfg.out, "masks", cfg.storage)
     if done:
         log.info("resuming: %d images already staged by an earlier run", len(done))
-    compute, remote_args = _pool(cfg)
+    compute, remote_args = model_actor_pool(cfg.use_gpu, cfg.num_actors)
     masks = stage.skip_done(samples, done).map_batches(
         Segmenter, fn_constructor_args=(cfg, checkpoint_uri), batch_size=cfg.batch_size,
         compute=compute, batch_format="numpy", **remote_args)
