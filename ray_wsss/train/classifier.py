@@ -125,13 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch = max(1, config["num_train"] // (cfg.batch_size * ctx.get_world_size()))
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
     scheduler = poly_schedule(optimizer, steps_per_epoch * cfg.epochs, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, history = 0, []
-    state = common.load_resumed_state(device, STAGE)
-    if state:
-        start_epoch, history = common.restore(state, model, optimizer, scheduler, scaler)
+    use_amp, scaler, start_epoch, history = common.start_or_resume(device, model, optimizer, scheduler, STAGE)
 
     view_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     train_shard = ray.train.get_dataset_shard("train")

@@ -67,6 +67,18 @@ def load_resumed_state(device: torch.device, tag: str) -> dict[str, Any] | None:
     return state
 
 
+def start_or_resume(device: torch.device, model: torch.nn.Module, optimizer, scheduler,
+                    tag: str) -> tuple[bool, torch.amp.GradScaler, int, list[dict]]:
+    """-> (AMP on?, its grad scaler, first epoch to run, history so far), restored from Train's checkpoint if any."""
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    state = load_resumed_state(device, tag)
+    if not state:
+        return use_amp, scaler, 0, []
+    start_epoch, history = restore(state, model, optimizer, scheduler, scaler)
+    return use_amp, scaler, start_epoch, history
+
+
 def restore(state: dict[str, Any], model: torch.nn.Module, optimizer, scheduler, scaler) -> tuple[int, list[dict]]:
     """Load a resumed state into the training objects; -> (first epoch to run, history so far)."""
     model.load_state_dict(state["model"])

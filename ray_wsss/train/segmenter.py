@@ -132,13 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer("sgd", model.param_groups(cfg.lr), cfg.lr, cfg.weight_decay, cfg.momentum)
     scheduler = poly_schedule(optimizer, steps_per_epoch * cfg.epochs, power=cfg.poly_power,
                               warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, history = 0, []
-    state = common.load_resumed_state(device, STAGE)
-    if state:
-        start_epoch, history = common.restore(state, model, optimizer, scheduler, scaler)
+    use_amp, scaler, start_epoch, history = common.start_or_resume(device, model, optimizer, scheduler, STAGE)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = common.dataset_shard("val", config["has_val"])
