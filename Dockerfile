@@ -38,4 +38,4 @@ COPY --chown=ray README.md ./
 COPY --chown=ray ray_wsss ./ray_wsss
 COPY --chown=ray jobs ./jobs
 RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import ray_wsss.refine.crf, timm, torch, s3fs; print('ray-wsss image ok, torch', torch.__version__)"
+    && python -c "import ray_wsss.core.refine.crf, timm, torch, s3fs; print('ray-wsss image ok, torch', torch.__version__)"

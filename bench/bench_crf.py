@@ -26,11 +26,12 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ray_wsss import codec, schema, storage  # noqa: E402
-from ray_wsss.data.prepare import PrepareConfig  # noqa: E402
-from ray_wsss.data.prepare import run as prepare  # noqa: E402
-from ray_wsss.refine.masks import MakeMasksConfig, make_mask  # noqa: E402
-from ray_wsss.refine.masks import run as make_masks  # noqa: E402
+from ray_wsss.core import codec, schema, storage  # noqa: E402
+from ray_wsss.core import commit
+from ray_wsss.stages.prepare_data import PrepareConfig  # noqa: E402
+from ray_wsss.stages.prepare_data import run as prepare  # noqa: E402
+from ray_wsss.stages.make_masks import MakeMasksConfig, make_mask  # noqa: E402
+from ray_wsss.stages.make_masks import run as make_masks  # noqa: E402
 
 
 def blurred_seeds(gt: np.ndarray, labels: list[int], rng: np.random.Generator) -> np.ndarray:
@@ -53,22 +54,22 @@ def build(root: str, images: int, size: int) -> tuple[str, str, str]:
     prepare(PrepareConfig(out=data, num_train=images, num_val=1, split="train", min_size=size // 2, max_size=size))
     rng = np.random.default_rng(0)
     rows = []
-    for row in storage.read_table(data, "samples").to_pylist():
+    for row in commit.read_table(data, "samples").to_pylist():
         gt = codec.decode_mask(row["gt_mask"])
         rows.append({"image_id": row["image_id"], "height": row["height"], "width": row["width"],
                      "classes": row["labels"], "scores": codec.encode_scores(blurred_seeds(gt, row["labels"], rng))})
     meta = storage.read_json(storage.join(data, "dataset.json"))
     for out, part in ((seeds, rows), (half, rows[:len(rows) // 2])):
-        storage.write_staged_table(out, "seeds", pa.Table.from_pylist(part, schema=schema.SEEDS))
-        storage.commit_stage(out, ["seeds", "errors"], {**meta, "table": "seeds", "config": {"split": "train"}})
+        commit.write_staged_table(out, "seeds", pa.Table.from_pylist(part, schema=schema.SEEDS))
+        commit.commit_stage(out, ["seeds", "errors"], {**meta, "table": "seeds", "config": {"split": "train"}})
     return data, seeds, half
 
 
 def bare_seconds(data: str, seeds: str, cfg: MakeMasksConfig) -> tuple[float, int]:
-    samples = {r["image_id"]: r for r in storage.read_table(data, "samples").to_pylist()}
+    samples = {r["image_id"]: r for r in commit.read_table(data, "samples").to_pylist()}
     labelling = cfg.labelling(cfg.threshold)
     work = [(samples[row["image_id"]]["image"], row["scores"], row["classes"])
-            for row in storage.read_table(seeds, "seeds").to_pylist()]
+            for row in commit.read_table(seeds, "seeds").to_pylist()]
     start = time.perf_counter()
     for image_png, scores_npy, classes in work:  # the stage's per-image work: decode, CRF, encode
         rgb, scores = codec.decode_image(image_png), codec.decode_scores(scores_npy)

@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import torch
 
-from ray_wsss.models.vit import AttentionViT, ViTConfig
-from ray_wsss.seeds import acr_maps
-from ray_wsss.seeds.acr_maps import ACRMapConfig, class_maps, naive_class_maps
+from ray_wsss.core.models.vit import AttentionViT, ViTConfig
+from ray_wsss.core.seeds import acr_maps
+from ray_wsss.core.seeds.acr_maps import ACRMapConfig, class_maps, naive_class_maps
 
 
 def pairs_vmap_maps(model: AttentionViT, images: torch.Tensor, classes: list[list[int]],

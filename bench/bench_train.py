@@ -2,7 +2,7 @@
 
 Both sides train the same model (``TrainStep``: both ACR views and every loss term), with the same
 optimiser, schedule, batch size, synthetic data and ``ClassifierTransform`` augmentation, and both
-evaluate on the held-out split each epoch. The Ray side is the real ``classifier.run`` and its
+evaluate on the held-out split each epoch. The Ray side is the real ``train_acr.run`` and its
 per-epoch ``epoch_seconds`` (train + held-out evaluation, as ``metrics.jsonl`` records them); the
 plain side is a single-process loop timed the same way. Epoch 1 is warm-up on both sides (Ray
 start, worker start, first Ray Data pipeline, allocator) and is left out: throughput is the train
@@ -30,16 +30,17 @@ import pyarrow.compute as pc
 import ray
 import torch
 
-from ray_wsss import storage
-from ray_wsss.data.augment import ClassifierTransform
-from ray_wsss.data.prepare import PrepareConfig
-from ray_wsss.data.prepare import run as prepare
-from ray_wsss.methods.acr import ACRLossConfig
-from ray_wsss.methods.views import random_view
-from ray_wsss.models import build_classifier
-from ray_wsss.train import classifier
-from ray_wsss.train.classifier import TrainClassifierConfig, TrainStep, evaluate_classifier
-from ray_wsss.train.optim import build_optimizer, poly_schedule
+from ray_wsss.core import storage
+from ray_wsss.core import commit
+from ray_wsss.core.data.augment import ClassifierTransform
+from ray_wsss.stages.prepare_data import PrepareConfig
+from ray_wsss.stages.prepare_data import run as prepare
+from ray_wsss.core.methods.acr import ACRLossConfig
+from ray_wsss.core.methods.views import random_view
+from ray_wsss.core.models import build_classifier
+from ray_wsss.stages import train_acr
+from ray_wsss.stages.train_acr import TrainClassifierConfig, TrainStep, evaluate_classifier
+from ray_wsss.core.optim import build_optimizer, poly_schedule
 
 
 class _SplitBatches(torch.utils.data.Dataset):
@@ -71,7 +72,7 @@ class _RawRows:
 
 
 def _read_split(cfg: TrainClassifierConfig, split: str) -> dict[str, list]:
-    table = storage.read_table(cfg.data, "samples", cfg.storage, columns=["image", "labels", "split"])
+    table = commit.read_table(cfg.data, "samples", cfg.storage, columns=["image", "labels", "split"])
     table = table.filter(pc.equal(table["split"], split))
     return {"image": table["image"].to_pylist(), "labels": table["labels"].to_pylist()}
 
@@ -170,7 +171,7 @@ def main() -> None:
 
     plain = plain_loop(cfg, threads, args.plain_loader_workers)
     started = time.time()
-    summary = classifier.run(cfg)
+    summary = train_acr.run(cfg)
     ray_wall = time.time() - started
     ray_history = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl")) if line.strip()]
 

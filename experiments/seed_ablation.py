@@ -21,12 +21,15 @@ import time
 import numpy as np
 import ray
 
-from ray_wsss.cluster import LOCAL_RUNTIME_ENV
-from ray_wsss import codec, evaluate, storage
-from ray_wsss.data import prepare
-from ray_wsss.methods import FROM_SCRATCH_WEIGHT
-from ray_wsss.seeds import extract
-from ray_wsss.train import checkpoints, classifier
+from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV
+from ray_wsss.core import codec, metrics, storage
+from ray_wsss.stages import evaluate
+from ray_wsss.core import commit
+from ray_wsss.stages import prepare_data
+from ray_wsss.core.methods import FROM_SCRATCH_WEIGHT
+from ray_wsss.stages import extract_seeds
+from ray_wsss.core import checkpoints
+from ray_wsss.stages import train_acr
 
 # label -> (method, alpha, beta); None = the method's default weights
 VARIANTS = {
@@ -46,13 +49,13 @@ def train(data: str, out: str, label: str, epochs: int | None) -> dict:
     if label == "acr-from-baseline":
         baseline = train(data, out, "baseline", epochs)
         weights = os.path.join(baseline["checkpoint"], checkpoints.MODEL_FILE)
-    cfg = classifier.TrainClassifierConfig(data=data, out=os.path.join(out, label, "train"), method=method,
+    cfg = train_acr.TrainClassifierConfig(data=data, out=os.path.join(out, label, "train"), method=method,
                                            alpha=alpha, beta=beta, name=label, weights=weights)
     if epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=epochs)
-    if storage.is_committed(cfg.out):
+    if commit.is_committed(cfg.out):
         return storage.read_json(os.path.join(cfg.out, "summary.json"))
-    return classifier.run(cfg)
+    return train_acr.run(cfg)
 
 
 def consistency_curve(train_out: str) -> dict:
@@ -64,7 +67,7 @@ def consistency_curve(train_out: str) -> dict:
 
 
 def seed_miou(data: str, checkpoint: str, seeds_out: str, refine: bool, split: str) -> dict:
-    extract.run(extract.ExtractSeedsConfig(checkpoint=checkpoint, data=data, out=seeds_out, refine=refine, split=split))
+    extract_seeds.run(extract_seeds.ExtractSeedsConfig(checkpoint=checkpoint, data=data, out=seeds_out, refine=refine, split=split))
     summary = os.path.join(seeds_out, "eval", "summary.json")
     if os.path.exists(summary):
         return storage.read_json(summary)
@@ -74,8 +77,8 @@ def seed_miou(data: str, checkpoint: str, seeds_out: str, refine: bool, split: s
 def uniform_reference(data: str, split: str) -> dict:
     """Each labelled class scored 1 over the whole image, swept like real seeds."""
     meta = storage.read_json(os.path.join(data, "dataset.json"))
-    sweep = evaluate.ThresholdSweep(len(meta["class_names"]))
-    rows = storage.read_table(data, "samples", columns=["split", "labels", "gt_mask"]).to_pylist()
+    sweep = metrics.ThresholdSweep(len(meta["class_names"]))
+    rows = commit.read_table(data, "samples", columns=["split", "labels", "gt_mask"]).to_pylist()
     for row in rows:
         if row["split"] != split or row["gt_mask"] is None:
             continue
@@ -102,7 +105,7 @@ def main() -> None:
     ray.init(runtime_env=LOCAL_RUNTIME_ENV)
     data = args.data or os.path.join(args.out, "data")
     if not args.data:
-        prepare.run(prepare.PrepareConfig(out=data))
+        prepare_data.run(prepare_data.PrepareConfig(out=data))
 
     results = []
     reference = uniform_reference(data, args.split)

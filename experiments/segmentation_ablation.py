@@ -19,12 +19,14 @@ import time
 
 import ray
 
-from ray_wsss.cluster import LOCAL_RUNTIME_ENV
-from ray_wsss import config as config_lib
-from ray_wsss import evaluate, storage
-from ray_wsss.refine import masks
-from ray_wsss.segmentation import segment
-from ray_wsss.train import segmenter
+from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV
+from ray_wsss.core import config as config_lib
+from ray_wsss.core import storage
+from ray_wsss.stages import evaluate
+from ray_wsss.core import commit
+from ray_wsss.stages import make_masks
+from ray_wsss.stages import segment
+from ray_wsss.stages import train_deeplab
 
 
 def scored(pred: str, data: str, kind: str, split: str) -> dict:
@@ -55,12 +57,12 @@ def main() -> None:
     record("seeds (best threshold)", scored(os.path.join(run, "seeds"), data, "seeds", args.train_split))
     record("pseudo masks, CRF", scored(os.path.join(run, "masks"), data, "masks", args.train_split))
     no_crf = os.path.join(out, "masks-nocrf")
-    masks.run(masks.MakeMasksConfig(seeds=os.path.join(run, "seeds"), data=data, out=no_crf, split=args.train_split,
+    make_masks.run(make_masks.MakeMasksConfig(seeds=os.path.join(run, "seeds"), data=data, out=no_crf, split=args.train_split,
                                     crf=False))
     record("pseudo masks, no CRF", scored(no_crf, data, "masks", args.train_split))
 
     # The pipeline's DeepLab config, so the ground-truth reference trains on the same recipe.
-    deeplab_cfg = config_lib.load(segmenter.TrainDeepLabConfig, os.path.join(run, "deeplab", "config.yaml"))
+    deeplab_cfg = config_lib.load(train_deeplab.TrainDeepLabConfig, os.path.join(run, "deeplab", "config.yaml"))
     variants = {
         "DeepLab single-scale": {"scales": (1.0,), "flip": False},
         "DeepLab multi-scale + flip": {"scales": tuple(args.scales), "flip": True},
@@ -73,8 +75,8 @@ def main() -> None:
         record(name, scored(seg_out, data, "masks", args.eval_split))
 
     gt_run = os.path.join(out, "deeplab-gt")
-    if not storage.is_committed(gt_run):
-        segmenter.run(dataclasses.replace(deeplab_cfg, gt_masks=True, masks=None, out=gt_run, name="deeplab-gt"))
+    if not commit.is_committed(gt_run):
+        train_deeplab.run(dataclasses.replace(deeplab_cfg, gt_masks=True, masks=None, out=gt_run, name="deeplab-gt"))
     gt_seg = os.path.join(out, "segment-gt-single-scale")
     segment.run(segment.SegmentConfig(checkpoint=gt_run, data=data, out=gt_seg, split=args.eval_split,
                                       scales=(1.0,), flip=False))

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from ray_wsss import config as config_lib  # noqa: E402
-from ray_wsss.storage import StorageOptions  # noqa: E402
+from ray_wsss.core import config as config_lib  # noqa: E402
+from ray_wsss.core.storage import StorageOptions  # noqa: E402
 
 T = TypeVar("T")
 
@@ -84,7 +84,7 @@ def init_ray() -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # a local Ray: no dashboard unless ray[default] is installed
-        from ray_wsss.cluster import LOCAL_RUNTIME_ENV
+        from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV
 
         ray.init(log_to_driver=True, runtime_env=LOCAL_RUNTIME_ENV)
 

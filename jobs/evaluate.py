@@ -7,7 +7,7 @@ Prints one JSON line last (miou, threshold, fp, fn, per_class) and writes summar
 """
 import _cli
 
-from ray_wsss import evaluate
+from ray_wsss.stages import evaluate
 
 if __name__ == "__main__":
     cfg = _cli.parse_config(evaluate.EvaluateConfig, __doc__)

@@ -9,9 +9,9 @@ A rerun after a crash finishes the missing images; a committed output is left as
 """
 import _cli
 
-from ray_wsss.seeds import extract
+from ray_wsss.stages import extract_seeds
 
 if __name__ == "__main__":
-    cfg = _cli.parse_config(extract.ExtractSeedsConfig, __doc__)
+    cfg = _cli.parse_config(extract_seeds.ExtractSeedsConfig, __doc__)
     _cli.init_ray()
-    _cli.print_summary(extract.run(cfg))
+    _cli.print_summary(extract_seeds.run(cfg))

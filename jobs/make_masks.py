@@ -8,9 +8,9 @@ On clusters, CRF actors ask for the `crf_pool` resource that only CPU nodes adve
 """
 import _cli
 
-from ray_wsss.refine import masks
+from ray_wsss.stages import make_masks
 
 if __name__ == "__main__":
-    cfg = _cli.parse_config(masks.MakeMasksConfig, __doc__)
+    cfg = _cli.parse_config(make_masks.MakeMasksConfig, __doc__)
     _cli.init_ray()
-    _cli.print_summary(masks.run(cfg))
+    _cli.print_summary(make_masks.run(cfg))

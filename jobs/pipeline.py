@@ -10,7 +10,7 @@ same command after a crash carries on. Stage settings go in the YAML under the s
 """
 import _cli
 
-from ray_wsss import pipeline
+from ray_wsss.stages import pipeline
 
 if __name__ == "__main__":
     cfg = _cli.parse_config(pipeline.PipelineConfig, __doc__)

@@ -6,9 +6,9 @@
 """
 import _cli
 
-from ray_wsss.data import prepare
+from ray_wsss.stages import prepare_data
 
 if __name__ == "__main__":
-    cfg = _cli.parse_config(prepare.PrepareConfig, __doc__)
+    cfg = _cli.parse_config(prepare_data.PrepareConfig, __doc__)
     _cli.init_ray()
-    _cli.print_summary(prepare.run(cfg))
+    _cli.print_summary(prepare_data.run(cfg))

@@ -10,7 +10,7 @@ crash finishes the missing images.
 """
 import _cli
 
-from ray_wsss.segmentation import segment
+from ray_wsss.stages import segment
 
 if __name__ == "__main__":
     cfg = _cli.parse_config(segment.SegmentConfig, __doc__)

@@ -9,15 +9,15 @@ Rerunning with the same --out and --name resumes from the newest checkpoint.
 """
 import _cli
 
-from ray_wsss import storage
-from ray_wsss.data import prepare
-from ray_wsss.train import classifier
+from ray_wsss.core import commit
+from ray_wsss.stages import prepare_data
+from ray_wsss.stages import train_acr
 
 if __name__ == "__main__":
-    cfg = _cli.parse_config(classifier.TrainClassifierConfig, __doc__)
+    cfg = _cli.parse_config(train_acr.TrainClassifierConfig, __doc__)
     _cli.init_ray()
-    default_data = classifier.TrainClassifierConfig().data
-    if cfg.data == default_data and not storage.is_committed(cfg.data, cfg.storage):
+    default_data = train_acr.TrainClassifierConfig().data
+    if cfg.data == default_data and not commit.is_committed(cfg.data, cfg.storage):
         print(f"[train] no data at {cfg.data}: preparing the synthetic default data set there first", flush=True)
-        prepare.run(prepare.PrepareConfig(out=cfg.data, storage=cfg.storage))
-    _cli.print_summary(classifier.run(cfg))
+        prepare_data.run(prepare_data.PrepareConfig(out=cfg.data, storage=cfg.storage))
+    _cli.print_summary(train_acr.run(cfg))

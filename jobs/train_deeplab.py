@@ -10,9 +10,9 @@ with the same --out and --name resumes from the newest checkpoint.
 """
 import _cli
 
-from ray_wsss.train import segmenter
+from ray_wsss.stages import train_deeplab
 
 if __name__ == "__main__":
-    cfg = _cli.parse_config(segmenter.TrainDeepLabConfig, __doc__)
+    cfg = _cli.parse_config(train_deeplab.TrainDeepLabConfig, __doc__)
     _cli.init_ray()
-    _cli.print_summary(segmenter.run(cfg))
+    _cli.print_summary(train_deeplab.run(cfg))

@@ -12,12 +12,12 @@ YAML sections `train:` (TrainClassifierConfig fields, e.g. model, img_size, batc
 """
 import _cli
 
-from ray_wsss import tune
+from ray_wsss.stages import tune_acr
 
 if __name__ == "__main__":
-    cfg = _cli.parse_config(tune.TuneACRConfig, __doc__)
+    cfg = _cli.parse_config(tune_acr.TuneACRConfig, __doc__)
     _cli.init_ray()
-    summary = tune.run(cfg)
+    summary = tune_acr.run(cfg)
     best = summary["best"]
     print(f"[tune] best of {summary['trials']} trials ({summary['completed']} completed, "
           f"{summary['stopped_early']} stopped early): seed mIoU {best['seed_miou']:.4f} with "

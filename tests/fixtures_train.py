@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ray_wsss import storage
-from ray_wsss.data.prepare import PrepareConfig
-from ray_wsss.data.prepare import run as prepare
-from ray_wsss.train.classifier import TrainClassifierConfig
+from ray_wsss.core import storage
+from ray_wsss.stages.prepare_data import PrepareConfig
+from ray_wsss.stages.prepare_data import run as prepare
+from ray_wsss.stages.train_acr import TrainClassifierConfig
 
 # A 2-block ViT on 32 px crops: a training step costs milliseconds, so Ray's overhead dominates.
 TINY = dict(model="vit_tiny_patch16_224", depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8,

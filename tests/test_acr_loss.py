@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ray_wsss.methods.acr import ACRLossConfig, acr_losses, baseline_losses, head_mean
-from ray_wsss.methods.views import View
-from ray_wsss.models.vit import AttentionViT, ClassifierOutput, ViTConfig
+from ray_wsss.core.methods.acr import ACRLossConfig, acr_losses, baseline_losses, head_mean
+from ray_wsss.core.methods.views import View
+from ray_wsss.core.models.vit import AttentionViT, ClassifierOutput, ViTConfig
 
 PATCH = 4
 LABELS = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
@@ -139,8 +139,8 @@ def test_baseline_has_only_classification():
 
 
 def test_default_weights_are_the_papers_with_pretrained_weights_and_small_from_scratch():
-    from ray_wsss.methods import FROM_SCRATCH_WEIGHT, PRETRAINED_WEIGHT
-    from ray_wsss.train.classifier import TrainClassifierConfig
+    from ray_wsss.core.methods import FROM_SCRATCH_WEIGHT, PRETRAINED_WEIGHT
+    from ray_wsss.stages.train_acr import TrainClassifierConfig
 
     assert PRETRAINED_WEIGHT == 125.0
     assert TrainClassifierConfig(weights="deit_tiny.pth").consistency_weights() == (125.0, 125.0)

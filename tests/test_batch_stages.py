@@ -3,17 +3,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ray_wsss import codec, schema, storage
-from ray_wsss.data.prepare import PrepareConfig
-from ray_wsss.data.prepare import run as prepare
-from ray_wsss.evaluate import EvaluateConfig
-from ray_wsss.evaluate import run as evaluate
-from ray_wsss.refine.masks import MakeMasksConfig
-from ray_wsss.refine.masks import run as make_masks
-from ray_wsss.seeds.extract import ExtractSeedsConfig
-from ray_wsss.seeds.extract import run as extract_seeds
-from ray_wsss.train.classifier import TrainClassifierConfig
-from ray_wsss.train.classifier import run as train
+from ray_wsss.core import codec, schema, storage
+from ray_wsss.core import commit
+from ray_wsss.stages.prepare_data import PrepareConfig
+from ray_wsss.stages.prepare_data import run as prepare
+from ray_wsss.stages.evaluate import EvaluateConfig
+from ray_wsss.stages.evaluate import run as evaluate
+from ray_wsss.stages.make_masks import MakeMasksConfig
+from ray_wsss.stages.make_masks import run as make_masks
+from ray_wsss.stages.extract_seeds import ExtractSeedsConfig
+from ray_wsss.stages.extract_seeds import run as extract_seeds
+from ray_wsss.stages.train_acr import TrainClassifierConfig
+from ray_wsss.stages.train_acr import run as train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 TINY = dict(model="vit_tiny_patch16_224", depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8,
@@ -37,8 +38,8 @@ def test_seeds_shapes_classes_values_and_evaluation(run_dir):
     u = _uris(run_dir)
     summary = extract_seeds(ExtractSeedsConfig(checkpoint=u["train"], data=u["data"], out=u["seeds"], batch_size=4))
     assert summary["rows"] == 18 and summary["errors"] == 0
-    samples = {r["image_id"]: r for r in storage.read_table(u["data"], "samples").to_pylist()}
-    for row in storage.read_table(u["seeds"], "seeds").to_pylist():
+    samples = {r["image_id"]: r for r in commit.read_table(u["data"], "samples").to_pylist()}
+    for row in commit.read_table(u["seeds"], "seeds").to_pylist():
         sample = samples[row["image_id"]]
         scores = codec.decode_scores(row["scores"])
         assert row["classes"] == sample["labels"]                       # only the labelled classes
@@ -61,31 +62,31 @@ def test_masks_resume_and_bad_seeds(run_dir, tmp_path):
     full = make_masks(MakeMasksConfig(seeds=u["seeds"], data=u["data"], out=u["masks"], split="train"))
     assert full["rows"] == 12 and full["errors"] == 0
     assert full["threshold"] == storage.read_json(storage.join(u["seeds"], "eval", "summary.json"))["threshold"]
-    masks = storage.read_table(u["masks"], "masks").to_pylist()
+    masks = commit.read_table(u["masks"], "masks").to_pylist()
     for row in masks:
         assert codec.decode_mask(row["mask"]).shape == (row["height"], row["width"])
     assert 0 <= evaluate(EvaluateConfig(pred=u["masks"], data=u["data"], kind="masks"))["miou"] <= 1
 
     # A crashed run left 5 masks staged and nothing committed: the rerun completes it exactly.
     partial = str(tmp_path / "partial")
-    storage.write_staged_table(partial, "masks", storage.read_table(u["masks"], "masks").slice(0, 5))
+    commit.write_staged_table(partial, "masks", commit.read_table(u["masks"], "masks").slice(0, 5))
     resumed = make_masks(MakeMasksConfig(seeds=u["seeds"], data=u["data"], out=partial, split="train"))
-    ids = storage.read_table(partial, "masks").column("image_id").to_pylist()
+    ids = commit.read_table(partial, "masks").column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 12 and resumed["rows"] == 12
 
     # Bad or missing seeds become error rows, not crashes.
-    seeds = storage.read_table(u["seeds"], "seeds")
+    seeds = commit.read_table(u["seeds"], "seeds")
     broken_id, missing_id = seeds["image_id"][0].as_py(), seeds["image_id"][1].as_py()
     rows = [r for r in seeds.to_pylist() if r["image_id"] != missing_id]
     for r in rows:
         if r["image_id"] == broken_id:
             r["scores"] = b"not a numpy array"
     bad_seeds = str(tmp_path / "bad_seeds")
-    storage.write_staged_table(bad_seeds, "seeds", pa.Table.from_pylist(rows, schema=schema.SEEDS))
-    storage.commit_stage(bad_seeds, ["seeds", "errors"], storage.read_json(storage.join(u["seeds"], "dataset.json")))
+    commit.write_staged_table(bad_seeds, "seeds", pa.Table.from_pylist(rows, schema=schema.SEEDS))
+    commit.commit_stage(bad_seeds, ["seeds", "errors"], storage.read_json(storage.join(u["seeds"], "dataset.json")))
     out = str(tmp_path / "bad_masks")
     summary = make_masks(MakeMasksConfig(seeds=bad_seeds, data=u["data"], out=out, threshold=0.3))
-    errors = {r["image_id"]: r["error"] for r in storage.read_table(out, "errors").to_pylist()}
+    errors = {r["image_id"]: r["error"] for r in commit.read_table(out, "errors").to_pylist()}
     assert "bad seed scores" in errors[broken_id]
     assert "no seeds for this image" in errors[missing_id]
     assert summary["rows"] == 16 and summary["errors"] == 2
@@ -94,7 +95,7 @@ def test_masks_resume_and_bad_seeds(run_dir, tmp_path):
 def test_seed_extraction_resumes_without_duplicates(run_dir, tmp_path):
     u = _uris(run_dir)
     partial = str(tmp_path / "seeds")
-    storage.write_staged_table(partial, "seeds", storage.read_table(u["seeds"], "seeds").slice(0, 7))
+    commit.write_staged_table(partial, "seeds", commit.read_table(u["seeds"], "seeds").slice(0, 7))
     summary = extract_seeds(ExtractSeedsConfig(checkpoint=u["train"], data=u["data"], out=partial, batch_size=4))
-    ids = storage.read_table(partial, "seeds").column("image_id").to_pylist()
+    ids = commit.read_table(partial, "seeds").column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 18 and summary["rows"] == 18

@@ -1,4 +1,4 @@
-"""cluster.yaml, deploy/kuberay-rayjob.yaml, the Dockerfile and ray_wsss.cluster agree and pass Ray's checks.
+"""cluster.yaml, deploy/kuberay-rayjob.yaml, the Dockerfile and ray_wsss.harness.cluster agree and pass Ray's checks.
 
 No cluster or Docker engine is needed: cluster.yaml goes through the autoscaler's own
 prepare/validate code (the one `ray up` runs), the rest is parsed statically.
@@ -20,7 +20,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
 
-from ray_wsss import cluster
+from ray_wsss.harness import cluster
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

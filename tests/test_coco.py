@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from fixtures_data import coco_mini_dir
-from ray_wsss import codec
-from ray_wsss.data.coco import CocoSource
-from ray_wsss.errors import RecordError, WsssError
-from ray_wsss.schema import SAMPLES
+from ray_wsss.core import codec
+from ray_wsss.core.data.coco import CocoSource
+from ray_wsss.core.errors import RecordError, WsssError
+from ray_wsss.core.schema import SAMPLES
 
 COCO = coco_mini_dir()
 ANNOTATIONS = COCO / "instances_train2017_subset.json"

@@ -1,4 +1,4 @@
-"""ray_wsss.refine.crf: background modes, the dense CRF's edge snapping, the ignore band, class ids."""
+"""ray_wsss.core.refine.crf: background modes, the dense CRF's edge snapping, the ignore band, class ids."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ray_wsss.evaluate import scores_to_labels
-from ray_wsss.refine.crf import CRFConfig, LabellingConfig, dense_crf, label_scores, make_mask, softmax
+from ray_wsss.core.metrics import scores_to_labels
+from ray_wsss.core.refine.crf import CRFConfig, LabellingConfig, dense_crf, label_scores, make_mask, softmax
 
 NO_CRF = LabellingConfig(crf=False)
 

@@ -9,10 +9,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from ray_wsss.errors import WsssError
-from ray_wsss.models.deeplab import (ASPP_RATES, DeepLabConfig, DeepLabV2, create_deeplab,
-                                     output_size)
-from ray_wsss.segmentation import IMAGENET_MEAN, IMAGENET_STD, normalize_image, predict_probs
+from ray_wsss.core.errors import WsssError
+from ray_wsss.core.models.deeplab import ASPP_RATES, DeepLabConfig, DeepLabV2, create_deeplab, output_size
+from ray_wsss.core.inference import IMAGENET_MEAN, IMAGENET_STD, normalize_image, predict_probs
 
 NUM_CLASSES = 5
 

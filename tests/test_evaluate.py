@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_wsss.evaluate import DEFAULT_THRESHOLDS, ConfusionMatrix, ThresholdSweep, scores_to_labels
+from ray_wsss.core.metrics import DEFAULT_THRESHOLDS, ConfusionMatrix, ThresholdSweep, scores_to_labels
 
 
 def reference_scores(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> dict:

@@ -10,14 +10,14 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from ray_wsss.errors import WsssError
-from ray_wsss.methods.acr import ACRLossConfig
-from ray_wsss.methods.mct import mct_acr_losses, mct_losses
-from ray_wsss.methods.views import View
-from ray_wsss.models import build_classifier
-from ray_wsss.models.mctformer import MCTformer, MCTOutput, create_mctformer
-from ray_wsss.models.vit import ViTConfig
-from ray_wsss.seeds.mct_maps import MCTMapConfig, maps_from_output, mct_class_maps, mct_seed_scores
+from ray_wsss.core.errors import WsssError
+from ray_wsss.core.methods.acr import ACRLossConfig
+from ray_wsss.core.methods.mct import mct_acr_losses, mct_losses
+from ray_wsss.core.methods.views import View
+from ray_wsss.core.models import build_classifier
+from ray_wsss.core.models.mctformer import MCTformer, MCTOutput, create_mctformer
+from ray_wsss.core.models.vit import ViTConfig
+from ray_wsss.core.seeds.mct_maps import MCTMapConfig, maps_from_output, mct_class_maps, mct_seed_scores
 
 C, D, HEADS, DEPTH, PATCH, IMG = 4, 48, 3, 3, 8, 32   # base grid 4x4
 CFG = ViTConfig(model_name="vit_tiny_patch16_224", img_size=IMG, patch_size=PATCH, depth=DEPTH, embed_dim=D,
@@ -232,7 +232,7 @@ def test_seed_scores_match_reference_tta(tmp_path):
     model, sd = _load_authors(tmp_path, "v2")
     rgb = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
     scores = mct_seed_scores(model, rgb, [2, 4], scales=(1.0,), flip=True, cfg=MCTMapConfig(last_layers=3))
-    from ray_wsss.data.augment import normalize
+    from ray_wsss.core.data.augment import normalize
 
     x = normalize(rgb)[None]
     total = 0

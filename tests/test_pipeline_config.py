@@ -1,6 +1,6 @@
 """The pipeline's wiring, without running it (the multi-node test runs it end to end)."""
-from ray_wsss import pipeline
-from ray_wsss.seeds import extract
+from ray_wsss.stages import pipeline
+from ray_wsss.stages import extract_seeds
 
 
 def test_stages_in_order_under_out():
@@ -16,6 +16,6 @@ def test_refinement_follows_pretrained_weights_unless_the_yaml_says():
     assert pipeline.refine_by_default(pipeline.PipelineConfig()) is False
     assert pipeline.refine_by_default(pipeline.PipelineConfig(train={"weights": "s3://b/deit_small.pth"})) is True
     wired = {"checkpoint": "c", "data": "d", "out": "o", "refine": False}
-    overridden = pipeline._stage_config(extract.ExtractSeedsConfig, wired, {"refine": True, "out": "ignored"},
+    overridden = pipeline._stage_config(extract_seeds.ExtractSeedsConfig, wired, {"refine": True, "out": "ignored"},
                                         pipeline.PipelineConfig().storage)
     assert overridden.refine is True and overridden.out == "o"  # the YAML wins, except the wired URIs

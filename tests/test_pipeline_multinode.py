@@ -4,7 +4,7 @@
 (``wsss_pools``) and holds no CPU, a "GPU-pool" node (``gpu_pool``, one CPU, no GPU: ``use_gpu`` stays
 off) and a "CPU-pool" node (``crf_pool`` x2, two CPUs). Ray Train workers and the seed/segment actors
 ask for plain CPUs and land on either worker node; the CRF actors ask for ``crf_pool`` as well
-(``ray_wsss.cluster.pool_resources``), so they must all land on the CPU-pool node. Three logical
+(``ray_wsss.harness.cluster.pool_resources``), so they must all land on the CPU-pool node. Three logical
 CPUs on the 2-core machine: the training stages need ``num_workers * cpus_per_worker`` below the
 cluster's CPUs (``check_cpu_budget``), and the CRF pool sizes itself from ``crf_pool``.
 """
@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from ray_wsss import pipeline, storage
-from ray_wsss.pipeline import PipelineConfig
-from ray_wsss.storage import StorageOptions
-from ray_wsss.train import checkpoints
+from ray_wsss.stages import pipeline
+from ray_wsss.core import storage
+from ray_wsss.core import commit
+from ray_wsss.stages.pipeline import PipelineConfig
+from ray_wsss.core.storage import StorageOptions
+from ray_wsss.core import checkpoints
 
 # Nine stages, each with its own Ray Data / Ray Train start-up on three nodes' cold worker pools: about
 # 6 minutes on the 2-core CI machine under load, so more than the suite's default 600 s timeout to spare.
@@ -62,7 +64,7 @@ def pool_cluster(monkeypatch):
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False, runtime_env={
             "env_vars": {"PYTHONPATH": str(REPO)},
-            "worker_process_setup_hook": "ray_wsss.cluster.quiet_worker_logging"})
+            "worker_process_setup_hook": "ray_wsss.harness.cluster.quiet_worker_logging"})
         resources = ray.cluster_resources()
         assert resources.get("CPU") == 3 and resources.get("crf_pool") == 2 and resources.get("gpu_pool") == 1
         yield {"head": cluster.head_node.node_id, "gpu": gpu_node.node_id, "cpu": cpu_node.node_id}
@@ -73,8 +75,8 @@ def pool_cluster(monkeypatch):
 
 
 def _committed_rows(uri: str, table: str, options: StorageOptions) -> list[dict]:
-    assert storage.is_committed(uri, options), f"{uri} is not committed"
-    return storage.read_table(uri, table, options).to_pylist()
+    assert commit.is_committed(uri, options), f"{uri} is not committed"
+    return commit.read_table(uri, table, options).to_pylist()
 
 
 def _miou(uri: str, options: StorageOptions) -> float:
@@ -102,7 +104,7 @@ def test_pipeline_on_pools_from_s3_then_rerun_skips(pool_cluster, s3_bucket, s3_
     assert {k: len(v) for k, v in split_ids.items()} == {"train": 8, "val": 4}
 
     for trained in ("train", "deeplab"):
-        assert storage.is_committed(cfg.uri(trained), opts)
+        assert commit.is_committed(cfg.uri(trained), opts)
         ckpt = storage.read_json(storage.join(cfg.uri(trained), "summary.json"), opts)["checkpoint"]
         assert ckpt.startswith(s3_bucket) and storage.exists(storage.join(ckpt, checkpoints.MODEL_FILE), opts)
         assert checkpoints.find_checkpoint(cfg.uri(trained), opts) == ckpt
@@ -121,7 +123,7 @@ def test_pipeline_on_pools_from_s3_then_rerun_skips(pool_cluster, s3_bucket, s3_
     masks_summary = storage.read_json(storage.join(cfg.uri("masks"), "summary.json"), opts)
     masks_meta = storage.read_json(storage.join(cfg.uri("masks"), "dataset.json"), opts)
     assert masks_summary["worker_nodes"] == masks_meta["worker_nodes"] == [pool_cluster["cpu"]]
-    assert not storage.exists(storage.join(cfg.uri("masks"), storage.STAGING_DIR), opts)
+    assert not storage.exists(storage.join(cfg.uri("masks"), commit.STAGING_DIR), opts)
 
     # (3) The same pipeline again: every stage is committed, so every stage is skipped, quickly.
     started = time.time()

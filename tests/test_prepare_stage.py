@@ -6,19 +6,20 @@ import numpy as np
 import pytest
 
 from fixtures_data import make_voc_tree
-from ray_wsss import codec, storage
-from ray_wsss.data.prepare import PrepareConfig, run
-from ray_wsss.errors import TooManyErrorsError, WsssError
+from ray_wsss.core import codec, storage
+from ray_wsss.core import commit
+from ray_wsss.stages.prepare_data import PrepareConfig, run
+from ray_wsss.core.errors import TooManyErrorsError, WsssError
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def _rows(out):
-    return {r["image_id"]: r for r in storage.read_table(out, "samples").to_pylist()}
+    return {r["image_id"]: r for r in commit.read_table(out, "samples").to_pylist()}
 
 
 def _errors(out):
-    return {r["image_id"]: r for r in storage.read_table(out, "errors").to_pylist()}
+    return {r["image_id"]: r for r in commit.read_table(out, "errors").to_pylist()}
 
 
 def _check_voc_rows(rows, tree):
@@ -57,7 +58,7 @@ def test_max_errors_fails_the_job_and_commits_nothing(tmp_path):
     out = str(tmp_path / "prepared")
     with pytest.raises(TooManyErrorsError, match=f"{len(tree['bad'])} records failed, more than --max-errors 2"):
         run(PrepareConfig(out=out, format="voc", src=tree["root"], split="train", max_errors=2))
-    assert not storage.is_committed(out)
+    assert not commit.is_committed(out)
 
 
 def test_voc_from_and_to_s3(tmp_path, s3_bucket):
@@ -69,7 +70,7 @@ def test_voc_from_and_to_s3(tmp_path, s3_bucket):
     out = s3_bucket + "/prepared/voc"
     run(PrepareConfig(out=out, format="voc", src=src, split="train_aug"))
     _check_voc_rows(_rows(out), tree)
-    assert storage.read_table(out, "errors").num_rows == 0
+    assert commit.read_table(out, "errors").num_rows == 0
 
 
 def test_source_level_errors_name_the_problem(tmp_path, s3_endpoint):
@@ -126,8 +127,8 @@ def test_synthetic_rerun_is_skipped_and_resume_finishes_missing(tmp_path):
 
     # A crash after part of the work was staged: only the staged part survives, uncommitted.
     other = str(tmp_path / "crashed")
-    done = storage.read_table(out, "samples").slice(0, 5)
-    storage.write_staged_table(other, "samples", done)
+    done = commit.read_table(out, "samples").slice(0, 5)
+    commit.write_staged_table(other, "samples", done)
     resumed = run(PrepareConfig(out=other, num_train=12, num_val=4, batch_size=4))
-    ids = storage.read_table(other, "samples").column("image_id").to_pylist()
+    ids = commit.read_table(other, "samples").column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 16 and resumed["rows"] == 16

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from ray_wsss.models.vit import AttentionViT, ViTConfig
-from ray_wsss.seeds.acr_maps import GRAD_STRATEGIES, ACRMapConfig, class_maps, minmax_per_class, naive_class_maps
-from ray_wsss.seeds.tta import scaled_size, seed_scores, seed_scores_batch
+from ray_wsss.core.models.vit import AttentionViT, ViTConfig
+from ray_wsss.core.seeds.acr_maps import GRAD_STRATEGIES, ACRMapConfig, class_maps, minmax_per_class, naive_class_maps
+from ray_wsss.core.seeds.tta import scaled_size, seed_scores, seed_scores_batch
 
 NUM_CLASSES = 5
 # Varied classes per image: 1, 3, none, 2.

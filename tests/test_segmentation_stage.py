@@ -14,15 +14,17 @@ import torch
 from PIL import Image
 
 from fixtures_train import NUM_TRAIN, NUM_VAL, read_metrics, tiny_data
-from ray_wsss import codec, schema, storage
-from ray_wsss.data.seg_augment import SegmentationTransform
-from ray_wsss.errors import RecordError, WsssError
-from ray_wsss.evaluate import EvaluateConfig
-from ray_wsss.evaluate import run as evaluate
-from ray_wsss.models.deeplab import DeepLabConfig, create_deeplab
-from ray_wsss.refine.crf import CRFConfig
-from ray_wsss.segmentation import segment
-from ray_wsss.train import checkpoints, segmenter
+from ray_wsss.core import codec, schema, storage
+from ray_wsss.core import commit
+from ray_wsss.core.data.seg_augment import SegmentationTransform
+from ray_wsss.core.errors import RecordError, WsssError
+from ray_wsss.stages.evaluate import EvaluateConfig
+from ray_wsss.stages.evaluate import run as evaluate
+from ray_wsss.core.models.deeplab import DeepLabConfig, create_deeplab
+from ray_wsss.core.refine.crf import CRFConfig
+from ray_wsss.stages import segment
+from ray_wsss.core import checkpoints
+from ray_wsss.stages import train_deeplab
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # resnet18 on 48 px crops, batches of 4: Ray's start-up dominates a step.
@@ -37,7 +39,7 @@ def train_data(ray_local, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def masks_table(train_data, tmp_path_factory) -> str:
     """A committed masks table over the train split: the ground truth with its top rows set to ignore."""
-    samples = storage.read_table(train_data, "samples", columns=["image_id", "split", "gt_mask"]).to_pylist()
+    samples = commit.read_table(train_data, "samples", columns=["image_id", "split", "gt_mask"]).to_pylist()
     rows = []
     for sample in samples:
         if sample["split"] != "train":
@@ -47,9 +49,9 @@ def masks_table(train_data, tmp_path_factory) -> str:
         rows.append({"image_id": sample["image_id"], "height": mask.shape[0], "width": mask.shape[1],
                      "mask": codec.encode_mask(mask)})
     out = str(tmp_path_factory.mktemp("masks"))
-    storage.write_staged_table(out, "masks", pa.Table.from_pylist(rows, schema=schema.MASKS))
-    storage.write_staged_table(out, "errors", schema.ERRORS.empty_table())
-    storage.commit_stage(out, ["masks", "errors"], {"table": "masks"})
+    commit.write_staged_table(out, "masks", pa.Table.from_pylist(rows, schema=schema.MASKS))
+    commit.write_staged_table(out, "errors", schema.ERRORS.empty_table())
+    commit.commit_stage(out, ["masks", "errors"], {"table": "masks"})
     return out
 
 
@@ -57,9 +59,9 @@ def masks_table(train_data, tmp_path_factory) -> str:
 def deeplab_run(train_data, masks_table, tmp_path_factory):
     """Two DDP workers (gloo) of half a CPU each, one epoch on the joined masks table."""
     out = str(tmp_path_factory.mktemp("deeplab"))
-    cfg = segmenter.TrainDeepLabConfig(masks=masks_table, data=train_data, out=out, num_workers=2,
+    cfg = train_deeplab.TrainDeepLabConfig(masks=masks_table, data=train_data, out=out, num_workers=2,
                                        cpus_per_worker=0.5, name="ddp", **TINY)
-    return cfg, segmenter.run(cfg)
+    return cfg, train_deeplab.run(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +133,7 @@ def test_segment_image_keeps_a_non_square_image_size():
 def test_segmenter_refuses_a_classifier_checkpoint(tmp_path):
     torch.save({"method": "acr", "class_names": ["background", "a"], "model": {}}, tmp_path / checkpoints.MODEL_FILE)
     with pytest.raises(WsssError, match="holds a 'acr' checkpoint, not a DeepLab one"):
-        segmenter.load_segmenter(str(tmp_path), None, torch.device("cpu"))
+        train_deeplab.load_segmenter(str(tmp_path), None, torch.device("cpu"))
 
 
 def test_job_flags_fill_the_configs():
@@ -140,14 +142,14 @@ def test_job_flags_fill_the_configs():
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     cli = importlib.import_module("_cli")
-    train = cli.parse_config(segmenter.TrainDeepLabConfig, "", [
+    train = cli.parse_config(train_deeplab.TrainDeepLabConfig, "", [
         "--gt-masks", "--data", "d", "--out", "o", "--backbone", "resnet101", "--crop", "321",
         "--scale-range", "0.75", "1.25", "--val-split", "", "--no-freeze-bn", "--num-workers", "4", "--use-gpu"])
     assert (train.gt_masks, train.masks, train.backbone, train.crop, train.scale_range) == (
         True, None, "resnet101", 321, (0.75, 1.25))
     assert train.val_split == "" and train.freeze_bn is False and train.num_workers == 4 and train.use_gpu
-    assert segmenter.TrainDeepLabConfig(backbone_weights="w.pth").frozen_bn()
-    assert not segmenter.TrainDeepLabConfig().frozen_bn()
+    assert train_deeplab.TrainDeepLabConfig(backbone_weights="w.pth").frozen_bn()
+    assert not train_deeplab.TrainDeepLabConfig().frozen_bn()
     seg = cli.parse_config(segment.SegmentConfig, "", [
         "--checkpoint", "c", "--data", "d", "--out", "o", "--scales", "0.5", "1.0", "1.5", "--no-flip", "--crf",
         "--split", "train,val"])
@@ -159,25 +161,25 @@ def test_job_flags_fill_the_configs():
 
 @pytest.mark.slow
 def test_training_records_count_the_join_or_use_the_ground_truth(train_data, masks_table, tmp_path):
-    from_masks = segmenter.TrainDeepLabConfig(masks=masks_table, data=train_data, out=str(tmp_path))
-    from_gt = segmenter.TrainDeepLabConfig(gt_masks=True, data=train_data, out=str(tmp_path))
+    from_masks = train_deeplab.TrainDeepLabConfig(masks=masks_table, data=train_data, out=str(tmp_path))
+    from_gt = train_deeplab.TrainDeepLabConfig(gt_masks=True, data=train_data, out=str(tmp_path))
     by_split = {"train": NUM_TRAIN, "val": NUM_VAL}
-    assert segmenter.count_training_rows(from_masks, by_split) == NUM_TRAIN
-    assert segmenter.count_training_rows(from_gt, by_split) == NUM_TRAIN
-    other_split = segmenter.TrainDeepLabConfig(masks=masks_table, data=train_data, out=str(tmp_path), train_split="val")
-    assert segmenter.count_training_rows(other_split, by_split) == 0  # the masks cover train only
+    assert train_deeplab.count_training_rows(from_masks, by_split) == NUM_TRAIN
+    assert train_deeplab.count_training_rows(from_gt, by_split) == NUM_TRAIN
+    other_split = train_deeplab.TrainDeepLabConfig(masks=masks_table, data=train_data, out=str(tmp_path), train_split="val")
+    assert train_deeplab.count_training_rows(other_split, by_split) == 0  # the masks cover train only
 
     # The join itself runs in the DDP test below; the ground-truth path is a plain column rename.
-    samples = {r["image_id"]: r for r in storage.read_table(train_data, "samples").to_pylist() if r["split"] == "train"}
-    rows = segmenter.training_records(from_gt).take_all()
+    samples = {r["image_id"]: r for r in commit.read_table(train_data, "samples").to_pylist() if r["split"] == "train"}
+    rows = train_deeplab.training_records(from_gt).take_all()
     assert sorted(r["image_id"] for r in rows) == sorted(samples)
     for row in rows:
         assert row["image"] == samples[row["image_id"]]["image"] and row["mask"] == samples[row["image_id"]]["gt_mask"]
 
     with pytest.raises(ValueError, match="--masks URI .* is required unless --gt-masks"):
-        segmenter.run(segmenter.TrainDeepLabConfig(data=train_data, out=str(tmp_path / "none")))
+        train_deeplab.run(train_deeplab.TrainDeepLabConfig(data=train_data, out=str(tmp_path / "none")))
     with pytest.raises(ValueError, match="0 images of split 'val' have a mask in"):
-        segmenter.run(other_split)
+        train_deeplab.run(other_split)
 
 
 # ---------------------------------------------------------------- Ray Train and the segment stage
@@ -208,7 +210,7 @@ def test_two_worker_ddp_training_on_the_masks_table(deeplab_run, masks_table):
     assert [g["initial_lr"] for g in groups] == pytest.approx([cfg.lr, 10 * cfg.lr])
     assert (Path(cfg.out) / "learning_curve.png").read_bytes().startswith(PNG_MAGIC)
     assert json.loads((Path(cfg.out) / "summary.json").read_text()) == summary
-    assert storage.is_committed(cfg.out)
+    assert commit.is_committed(cfg.out)
 
 
 @pytest.mark.slow
@@ -217,8 +219,8 @@ def test_segment_stage_writes_image_sized_masks_that_evaluate_scores(segment_run
     assert summary["stage"] == "segment" and summary["rows"] == NUM_VAL and summary["errors"] == 0
     assert summary["crf"] and summary["scales"] == [0.75, 1.0]
 
-    samples = {r["image_id"]: r for r in storage.read_table(train_data, "samples").to_pylist() if r["split"] == "val"}
-    rows = storage.read_table(cfg.out, "masks").to_pylist()
+    samples = {r["image_id"]: r for r in commit.read_table(train_data, "samples").to_pylist() if r["split"] == "val"}
+    rows = commit.read_table(cfg.out, "masks").to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted(samples)
     assert any(r["height"] != r["width"] for r in rows)  # the synthetic sides vary: non-square images
     for row in rows:

@@ -1,8 +1,9 @@
 import pyarrow as pa
 import pytest
 
-from ray_wsss import schema, storage
-from ray_wsss.errors import StageNotCommittedError, WsssError
+from ray_wsss.core import schema, storage
+from ray_wsss.core import commit
+from ray_wsss.core.errors import StageNotCommittedError, WsssError
 
 
 def _errors_table(ids):
@@ -33,32 +34,32 @@ def test_missing_file_names_the_uri(root):
 
 
 def test_stage_is_invisible_until_committed(root):
-    storage.write_staged_table(root, "errors", _errors_table(["a", "b"]))
+    commit.write_staged_table(root, "errors", _errors_table(["a", "b"]))
     # A crash here leaves staged files only: the stage must not look finished.
-    assert not storage.is_committed(root)
+    assert not commit.is_committed(root)
     with pytest.raises(StageNotCommittedError, match="not finished, crashed"):
-        storage.read_table(root, "errors")
-    storage.write_staged_table(root, "errors", _errors_table(["c"]))
-    manifest = storage.commit_stage(root, ["errors"], {"source": "test"})
+        commit.read_table(root, "errors")
+    commit.write_staged_table(root, "errors", _errors_table(["c"]))
+    manifest = commit.commit_stage(root, ["errors"], {"source": "test"})
     assert manifest["tables"]["errors"]["rows"] == 3
-    assert sorted(storage.read_table(root, "errors").column("image_id").to_pylist()) == ["a", "b", "c"]
+    assert sorted(commit.read_table(root, "errors").column("image_id").to_pylist()) == ["a", "b", "c"]
     assert storage.read_json(storage.join(root, "dataset.json")) == {"source": "test"}
-    assert not any(f.startswith(storage.STAGING_DIR) for f in storage.list_files(root))
+    assert not any(f.startswith(commit.STAGING_DIR) for f in storage.list_files(root))
 
 
 def test_truncated_staged_file_is_discarded_on_resume(root):
-    storage.write_staged_table(root, "errors", _errors_table(["a"]))
+    commit.write_staged_table(root, "errors", _errors_table(["a"]))
     # A writer that died mid-file leaves bytes without a Parquet footer.
-    storage.write_bytes(storage.join(storage.staging_uri(root, "errors"), "part-dead.parquet"), b"PAR1garbage")
-    assert storage.staged_column(root, "errors", "image_id") == ["a"]
-    assert len(storage.list_files(storage.staging_uri(root, "errors"))) == 1
+    storage.write_bytes(storage.join(commit.staging_uri(root, "errors"), "part-dead.parquet"), b"PAR1garbage")
+    assert commit.staged_column(root, "errors", "image_id") == ["a"]
+    assert len(storage.list_files(commit.staging_uri(root, "errors"))) == 1
 
 
 def test_stray_files_in_committed_table_are_not_read(root):
-    storage.write_staged_table(root, "errors", _errors_table(["a"]))
-    storage.commit_stage(root, ["errors"], {})
+    commit.write_staged_table(root, "errors", _errors_table(["a"]))
+    commit.commit_stage(root, ["errors"], {})
     storage.write_bytes(storage.join(root, "errors", "stray.parquet"), b"not listed in the manifest")
-    assert storage.read_table(root, "errors").column("image_id").to_pylist() == ["a"]
+    assert commit.read_table(root, "errors").column("image_id").to_pylist() == ["a"]
 
 
 def test_unreachable_bucket_is_a_clear_error(s3_endpoint):

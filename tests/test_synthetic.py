@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ray_wsss import codec
-from ray_wsss.data import synthetic
-from ray_wsss.schema import SAMPLES
+from ray_wsss.core import codec
+from ray_wsss.core.data import synthetic
+from ray_wsss.core.schema import SAMPLES
 
 CFG = synthetic.SyntheticConfig(seed=7, num_train=60, num_val=10)
 

@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 
 from fixtures_train import NUM_TRAIN, TINY, read_metrics, tiny_config, tiny_data, worker_lines
-from ray_wsss import storage
-from ray_wsss.train import checkpoints, classifier
+from ray_wsss.core import storage
+from ray_wsss.core import commit
+from ray_wsss.core import checkpoints
+from ray_wsss.stages import train_acr
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +34,7 @@ def ddp_run(train_data, tmp_path_factory):
     """Two DDP workers (gloo) of half a CPU each, ACR, two epochs."""
     out = str(tmp_path_factory.mktemp("ddp"))
     cfg = tiny_config(train_data, out, num_workers=2, cpus_per_worker=0.5, epochs=2, name="ddp")
-    return cfg, classifier.run(cfg)
+    return cfg, train_acr.run(cfg)
 
 
 def _assert_finite(values: dict) -> None:
@@ -42,7 +44,7 @@ def _assert_finite(values: dict) -> None:
 def test_refuses_workers_that_hold_every_cpu(train_data, tmp_path):
     cfg = tiny_config(train_data, str(tmp_path), num_workers=2, cpus_per_worker=1.0)
     with pytest.raises(ValueError, match="leaves none of the cluster"):
-        classifier.run(cfg)
+        train_acr.run(cfg)
     assert not os.listdir(tmp_path)  # refused before anything was started or written
 
 
@@ -84,7 +86,7 @@ def test_rerun_with_the_same_name_resumes(ddp_run, tmp_path, capfd):
     capfd.readouterr()
 
     cfg = tiny_config(first_cfg.data, out, num_workers=2, cpus_per_worker=0.5, epochs=3, name=first_cfg.name)
-    summary = classifier.run(cfg)
+    summary = train_acr.run(cfg)
 
     driver_log = capfd.readouterr().out
     run_dir = os.path.join(out, cfg.name)
@@ -139,7 +141,7 @@ def test_job_cli_with_yaml_config_trains_the_baseline(train_data, tmp_path, ray_
 def test_train_to_and_from_s3(train_data, s3_bucket):
     out = s3_bucket + "/train"
     cfg = tiny_config(train_data, out, name="s3run")
-    summary = classifier.run(cfg)
+    summary = train_acr.run(cfg)
 
     ckpt = summary["checkpoint"]
     assert ckpt.startswith(f"{out}/{cfg.name}/")
@@ -151,4 +153,4 @@ def test_train_to_and_from_s3(train_data, s3_bucket):
     assert [row["epoch"] for row in read_metrics(out)] == [1]
     assert storage.read_bytes(storage.join(out, "learning_curve.png")).startswith(PNG_MAGIC)
     assert storage.read_json(storage.join(out, "summary.json")) == summary
-    assert storage.is_committed(out)
+    assert commit.is_committed(out)

@@ -13,7 +13,7 @@ import pytest
 
 from fixtures_train import (controller_messages, read_metrics, tiny_config, tiny_data, train_worker_pids,
                             worker_lines)
-from ray_wsss.train import classifier
+from ray_wsss.stages import train_acr
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 EPOCHS = 3
@@ -53,7 +53,7 @@ def test_killed_worker_resumes_from_last_checkpoint(train_data, tmp_path):
 
     def train() -> None:
         try:
-            result["summary"] = classifier.run(cfg)
+            result["summary"] = train_acr.run(cfg)
         except BaseException as err:  # noqa: BLE001 - re-raised in the test thread
             result["error"] = err
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_wsss import config as config_lib
-from ray_wsss import tune
-from ray_wsss.data.prepare import PrepareConfig
-from ray_wsss.data.prepare import run as prepare
-from ray_wsss.seeds.extract import ExtractSeedsConfig
-from ray_wsss.train import checkpoints
-from ray_wsss.train.classifier import TrainClassifierConfig
+from ray_wsss.core import config as config_lib
+from ray_wsss.stages import tune_acr
+from ray_wsss.stages.prepare_data import PrepareConfig
+from ray_wsss.stages.prepare_data import run as prepare
+from ray_wsss.stages.extract_seeds import ExtractSeedsConfig
+from ray_wsss.core import checkpoints
+from ray_wsss.stages.train_acr import TrainClassifierConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # A 2-block ViT on 32 px crops (as in the training tests): Ray's overhead dominates each trial.
@@ -31,7 +31,7 @@ def _cli():
 # ---------------------------------------------------------------- the config (no Ray)
 
 def test_search_space_flags_and_validation():
-    cfg = _cli().parse_config(tune.TuneACRConfig, "", [
+    cfg = _cli().parse_config(tune_acr.TuneACRConfig, "", [
         "--alpha", "10", "300", "--alpha-sampling", "loguniform", "--lr", "1e-4", "1e-3", "--lr-sampling", "grid",
         "--layers", "1", "3", "--layers-sampling", "uniform", "--num-samples", "4"])
     assert cfg.alpha == (10.0, 300.0) and cfg.lr == (1e-4, 1e-3) and cfg.layers == (1, 3) and cfg.num_samples == 4
@@ -42,17 +42,17 @@ def test_search_space_flags_and_validation():
     assert set(space["beta"].categories) == {0.0, 1.0, 5.0, 25.0, 125.0}
 
     with pytest.raises(ValueError, match="loguniform needs a low bound > 0"):
-        tune.TuneACRConfig(alpha=(0.0, 300.0), alpha_sampling="loguniform")
+        tune_acr.TuneACRConfig(alpha=(0.0, 300.0), alpha_sampling="loguniform")
     with pytest.raises(ValueError, match="two values, low < high"):
-        tune.TuneACRConfig(lr=(1e-3,), lr_sampling="uniform")
+        tune_acr.TuneACRConfig(lr=(1e-3,), lr_sampling="uniform")
     with pytest.raises(ValueError, match=r"`train:` section may not set \['alpha', 'epochs'\]"):
-        tune.TuneACRConfig(train={"alpha": 1.0, "epochs": 3, "depth": 2})
+        tune_acr.TuneACRConfig(train={"alpha": 1.0, "epochs": 3, "depth": 2})
     with pytest.raises(ValueError, match=r"`seeds:` section may not set \['layers'\]"):
-        tune.TuneACRConfig(seeds={"layers": 2})
+        tune_acr.TuneACRConfig(seeds={"layers": 2})
 
 
 def test_trial_configs_are_stage_configs():
-    sweep = tune.TuneACRConfig(data="d", out="o", epochs=3, train={"depth": 2}, seeds={"flip": False})
+    sweep = tune_acr.TuneACRConfig(data="d", out="o", epochs=3, train={"depth": 2}, seeds={"flip": False})
     train = sweep.train_config({"alpha": 30.0, "beta": 0.0, "lr": 2e-4}, "o/t", "trial")
     assert (train.alpha, train.beta, train.lr, train.epochs, train.depth, train.out, train.name) == (
         30.0, 0.0, 2e-4, 3, 2, "o/t", "trial")
@@ -63,10 +63,10 @@ def test_trial_configs_are_stage_configs():
 def test_concurrency_leaves_a_cpu_for_ray_data(ray_local):
     """On 2 CPUs a trial's seed actor (1 CPU) plus another's Train worker would starve Ray Data's tasks."""
     assert ray_local.cluster_resources()["CPU"] == 2
-    assert tune.concurrent_trials(tune.TuneACRConfig()) == 1
+    assert tune_acr.concurrent_trials(tune_acr.TuneACRConfig()) == 1
     with pytest.raises(ValueError, match="2 concurrent trials would hang on 2 CPUs"):
-        tune.concurrent_trials(tune.TuneACRConfig(max_concurrent_trials=2))
-    assert tune.concurrent_trials(tune.TuneACRConfig(max_concurrent_trials=1)) == 1
+        tune_acr.concurrent_trials(tune_acr.TuneACRConfig(max_concurrent_trials=2))
+    assert tune_acr.concurrent_trials(tune_acr.TuneACRConfig(max_concurrent_trials=1)) == 1
 
 
 # ---------------------------------------------------------------- a real 2-trial sweep
@@ -80,11 +80,11 @@ def sweep(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     data = str(root / "data")
     prepare(PrepareConfig(out=data, num_train=16, num_val=8))
-    cfg = tune.TuneACRConfig(
+    cfg = tune_acr.TuneACRConfig(
         data=data, out=str(root / "sweep"), num_samples=2, epochs=2, grace_period=1,
         alpha=(0.0, 125.0), beta=(0.0, 125.0), lr=(5e-4, 2e-3), layers=(1, 2), cpus_per_worker=0.5,
         train=TINY_TRAIN, seeds={"flip": False, "batch_size": 8})
-    return cfg, tune.run(cfg)
+    return cfg, tune_acr.run(cfg)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ray_wsss.methods.views import View, random_view
+from ray_wsss.core.methods.views import View, random_view
 
 GRIDS = [(3, 5), (4, 4), (2, 7)]
 PERMUTATION_VIEWS = [View(hflip=h, vflip=v, rot90=r) for h, v, r in itertools.product((False, True), (False, True), range(4))]

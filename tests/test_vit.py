@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from ray_wsss.errors import WsssError
-from ray_wsss.models.vit import AttentionViT, ViTConfig, create_classifier, load_weights
+from ray_wsss.core.errors import WsssError
+from ray_wsss.core.models.vit import AttentionViT, ViTConfig, create_classifier, load_weights
 
 NUM_CLASSES = 4
 TINY = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
@@ -94,7 +94,7 @@ def test_safetensors_with_other_head_drops_the_head(tmp_path, caplog):
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     model = _tiny()
     head_before = model.vit.head.weight.detach().clone()
-    with caplog.at_level(logging.WARNING, logger="ray_wsss.models.vit"):
+    with caplog.at_level(logging.WARNING, logger="ray_wsss.core.models.vit"):
         load_weights(model, str(path))
     assert "head.weight" in caplog.text
     assert torch.equal(model.vit.head.weight, head_before)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from fixtures_data import VOC_IDS, make_voc_tree, png_bytes
-from ray_wsss import codec
-from ray_wsss.data import voc
-from ray_wsss.errors import RecordError, WsssError
-from ray_wsss.schema import SAMPLES
+from ray_wsss.core import codec
+from ray_wsss.core.data import voc
+from ray_wsss.core.errors import RecordError, WsssError
+from ray_wsss.core.schema import SAMPLES
 
 
 def test_class_order_is_the_standard_one():

@@ -1,0 +1,46 @@
+"""Checkpoints of the training jobs: what they hold and how later stages find the latest one.
+
+A checkpoint is a directory with ``model.pt`` (weights, model config, optimiser state, history)
+and ``meta.json`` (epoch, method, classes). ``--checkpoint`` arguments accept either a checkpoint
+directory or a training job's ``--out``: then the one named in its summary, else the newest epoch.
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+from typing import Any
+
+import torch
+
+from ray_wsss.core import storage
+from ray_wsss.core.errors import WsssError
+from ray_wsss.core.storage import StorageOptions
+
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+
+
+def find_checkpoint(uri: str, options: StorageOptions | None = None) -> str:
+    """A checkpoint directory URI from a checkpoint URI or a training job's output URI."""
+    if storage.exists(storage.join(uri, MODEL_FILE), options):
+        return uri
+    summary_uri = storage.join(uri, "summary.json")
+    if storage.exists(summary_uri, options):
+        named = storage.read_json(summary_uri, options).get("checkpoint")
+        if named and storage.exists(storage.join(named, MODEL_FILE), options):
+            return named
+    metas = [f for f in storage.list_files(uri, options) if posixpath.basename(f) == META_FILE]
+    if not metas:
+        raise WsssError(f"no checkpoint under {uri}: expected {MODEL_FILE} there or a training job's output")
+    scored = []
+    for rel in metas:
+        meta = storage.read_json(storage.join(uri, rel), options)
+        scored.append((int(meta.get("epoch", -1)), rel))
+    _, best = max(scored)
+    return storage.join(uri, posixpath.dirname(best))
+
+
+def load_state(checkpoint_uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
+    """The dict saved in ``model.pt`` (tensors on CPU)."""
+    data = storage.read_bytes(storage.join(checkpoint_uri, MODEL_FILE), options)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)

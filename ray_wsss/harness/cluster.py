@@ -1,0 +1,93 @@
+"""Which node pool a piece of work should run on, by custom resource.
+
+``cluster.yaml`` (and ``deploy/kuberay-rayjob.yaml``) give each worker type a custom resource:
+CPU nodes advertise ``crf_pool`` (one unit per vCPU) and GPU nodes ``gpu_pool`` (one unit per GPU);
+the head advertises ``wsss_pools`` to say "this cluster has the pools, even while they are scaled
+to zero". A stage asks for a pool with :func:`pool_resources`, e.g. the dense CRF::
+
+    ds.map_batches(RefineMasks, num_cpus=1, resources=pool_resources("cpu", 1), ...)
+
+On a laptop or a plain ``ray start`` cluster none of these resources exist and the helper returns
+``{}``, so the same job runs everywhere.
+
+Why custom resources and not node labels: the autoscaler launches the node type whose resources
+cover the pending demand, so ``{"crf_pool": 1}`` both places a task and scales the CPU pool from
+zero, with autoscaler v1 and v2 alike; and Ray Data's ``map_batches(resources=...)``, Ray Train's
+``ScalingConfig(resources_per_worker=...)`` and ``@ray.remote(resources=...)`` take them directly.
+Ray 2.60 also accepts ``label_selector`` in ``Dataset.map_batches`` and ``ScalingConfig``, but only
+autoscaler v2 scales on label demand (v1's resource-demand scheduler ignores labels), and labels are
+not visible in ``ray.cluster_resources()``, which is what makes the laptop fallback a one-liner.
+
+GPU work needs no pool: asking for a GPU already lands on a GPU node. ``gpu_pool`` is for work that
+must share a GPU node without holding a GPU.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+CPU_POOL_RESOURCE = "crf_pool"
+GPU_POOL_RESOURCE = "gpu_pool"
+POOLS_MARKER_RESOURCE = "wsss_pools"
+POOLS = {"cpu": CPU_POOL_RESOURCE, "gpu": GPU_POOL_RESOURCE}
+
+
+def pool_resource_name(pool: str) -> str:
+    """``"cpu"``/``"gpu"`` (or the resource name itself) -> the custom resource name."""
+    if pool in POOLS:
+        return POOLS[pool]
+    if pool in POOLS.values():
+        return pool
+    raise ValueError(f"unknown node pool {pool!r}; expected one of {sorted(POOLS)} or {sorted(POOLS.values())}")
+
+
+def pool_resources(pool: str, amount: float = 1.0,
+                   cluster_resources: Mapping[str, float] | None = None) -> dict[str, float]:
+    """``{resource: amount}`` for ``pool`` if the cluster has that pool, else ``{}``.
+
+    ``cluster_resources`` defaults to ``ray.cluster_resources()`` (needs a connected Ray). A pool
+    counts as present when a live node advertises it, or when the head advertises the pools marker:
+    an autoscaled pool at zero nodes shows no resource yet, and asking for it is what scales it up.
+    """
+    name = pool_resource_name(pool)
+    if amount <= 0:
+        raise ValueError(f"pool amount must be positive, got {amount}")
+    if cluster_resources is None:
+        import ray
+
+        cluster_resources = ray.cluster_resources()
+    if cluster_resources.get(name, 0) > 0 or cluster_resources.get(POOLS_MARKER_RESOURCE, 0) > 0:
+        return {name: float(amount)}
+    return {}
+
+
+def model_actor_pool(use_gpu: bool, num_actors: int | None):
+    """(ActorPoolStrategy, map_batches resource args) for a stage whose actors each hold a model.
+
+    A GPU each on GPU clusters (on the GPU pool's nodes); otherwise one CPU each, for every CPU bar one
+    (left to Ray Data's read and write tasks). ``num_actors`` caps the pool instead.
+    """
+    import ray
+    import ray.data
+
+    resources = ray.cluster_resources()
+    if use_gpu:
+        size = num_actors or max(1, int(resources.get("GPU", 1)))
+        return ray.data.ActorPoolStrategy(min_size=1, max_size=size), {
+            "num_gpus": 1, "resources": pool_resources(GPU_POOL_RESOURCE, 1)}
+    size = num_actors or max(1, int(resources.get("CPU", 2)) - 1)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=size), {"num_cpus": 1}
+
+
+# runtime_env for a local Ray started by a job or script: see quiet_worker_logging.
+LOCAL_RUNTIME_ENV = {"worker_process_setup_hook": "ray_wsss.harness.cluster.quiet_worker_logging"}
+
+
+def quiet_worker_logging() -> None:
+    """Ray worker setup hook for clusters without a dashboard (a plain ``pip install ray[train,data,tune]``).
+
+    Without the dashboard there is no state API, and Train V2's placement-group cleaner warns about
+    that every second for the whole run. The cleaner still works from the controller's side.
+    """
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
