@@ -37,7 +37,7 @@ from ray_wsss.stages.prepare_data import PrepareConfig
 from ray_wsss.stages.prepare_data import run as prepare
 from ray_wsss.core.methods.acr import ACRLossConfig
 from ray_wsss.core.methods.views import random_view
-from ray_wsss.core.models import build_classifier
+from ray_wsss.core.methods import get_method
 from ray_wsss.stages import train_acr
 from ray_wsss.stages.train_acr import TrainClassifierConfig, TrainStep, evaluate_classifier
 from ray_wsss.core.optim import build_optimizer, poly_schedule
@@ -89,7 +89,7 @@ def plain_loop(cfg: TrainClassifierConfig, threads: int, loader_workers: int) ->
     torch.set_num_threads(threads)
     class_names = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)["class_names"]
     num_classes = len(class_names)
-    model = build_classifier(cfg.method, cfg.vit_config(), num_classes - 1, cfg.storage)
+    model = get_method(cfg.method).build_model(cfg.vit_config(), num_classes - 1, storage_options=cfg.storage)
     alpha, beta = cfg.consistency_weights()
     two_views = alpha > 0 or beta > 0
     step_module = TrainStep(model, cfg.method,

@@ -26,7 +26,9 @@ from ray_wsss.core import codec, metrics, storage
 from ray_wsss.stages import evaluate
 from ray_wsss.core import commit
 from ray_wsss.stages import prepare_data
-from ray_wsss.core.methods import FROM_SCRATCH_WEIGHT
+from ray_wsss.core.methods import get_method
+
+FROM_SCRATCH_WEIGHT = get_method("acr").default_consistency(pretrained=False)
 from ray_wsss.stages import extract_seeds
 from ray_wsss.core import checkpoints
 from ray_wsss.stages import train_acr

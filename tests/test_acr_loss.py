@@ -139,10 +139,12 @@ def test_baseline_has_only_classification():
 
 
 def test_default_weights_are_the_papers_with_pretrained_weights_and_small_from_scratch():
-    from ray_wsss.core.methods import FROM_SCRATCH_WEIGHT, PRETRAINED_WEIGHT
+    from ray_wsss.core.methods import get_method
     from ray_wsss.stages.train_acr import TrainClassifierConfig
 
-    assert PRETRAINED_WEIGHT == 125.0
+    acr = get_method("acr")
+    PRETRAINED_WEIGHT, FROM_SCRATCH_WEIGHT = acr.default_consistency(True), acr.default_consistency(False)
+    assert PRETRAINED_WEIGHT == 125.0 and FROM_SCRATCH_WEIGHT == 1.0
     assert TrainClassifierConfig(weights="deit_tiny.pth").consistency_weights() == (125.0, 125.0)
     assert TrainClassifierConfig().consistency_weights() == (FROM_SCRATCH_WEIGHT, FROM_SCRATCH_WEIGHT)
     assert TrainClassifierConfig(alpha=7.0).consistency_weights() == (7.0, FROM_SCRATCH_WEIGHT)

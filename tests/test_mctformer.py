@@ -14,10 +14,16 @@ from ray_wsss.core.errors import WsssError
 from ray_wsss.core.methods.acr import ACRLossConfig
 from ray_wsss.core.methods.mct import mct_acr_losses, mct_losses
 from ray_wsss.core.methods.views import View
-from ray_wsss.core.models import build_classifier
+from ray_wsss.core.methods import MapOptions, get_method
 from ray_wsss.core.models.mctformer import MCTformer, MCTOutput, create_mctformer
 from ray_wsss.core.models.vit import ViTConfig
-from ray_wsss.core.seeds.mct_maps import MCTMapConfig, maps_from_output, mct_class_maps, mct_seed_scores
+from ray_wsss.core.seeds.mct_maps import MCTMapConfig, maps_from_output, mct_class_maps
+from ray_wsss.core.seeds.tta import TTAConfig
+
+
+def mct_seed_scores(model, rgb, classes, scales=(1.0,), flip=True, layers=None):
+    options = MapOptions(layers=layers)
+    return get_method("mct-v2").seed_scores(model, [rgb], [classes], options, TTAConfig(scales=scales, flip=flip))[0]
 
 C, D, HEADS, DEPTH, PATCH, IMG = 4, 48, 3, 3, 8, 32   # base grid 4x4
 CFG = ViTConfig(model_name="vit_tiny_patch16_224", img_size=IMG, patch_size=PATCH, depth=DEPTH, embed_dim=D,
@@ -184,7 +190,7 @@ def test_single_token_vit_init_repeats_class_token_and_its_position(tmp_path, ve
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_own_checkpoint_round_trip(tmp_path, version):
     torch.manual_seed(2)
-    source = build_classifier(f"mct-{version}", CFG, C).eval()
+    source = get_method(f"mct-{version}").build_model(CFG, C).eval()
     path = tmp_path / "ckpt.pth"
     torch.save({"model": source.state_dict(), "model_config": vars(CFG)}, path)
     loaded = create_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version).eval()
@@ -231,7 +237,7 @@ def test_class_maps_match_reference(tmp_path, version, refine):
 def test_seed_scores_match_reference_tta(tmp_path):
     model, sd = _load_authors(tmp_path, "v2")
     rgb = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
-    scores = mct_seed_scores(model, rgb, [2, 4], scales=(1.0,), flip=True, cfg=MCTMapConfig(last_layers=3))
+    scores = mct_seed_scores(model, rgb, [2, 4], scales=(1.0,), flip=True, layers=3)
     from ray_wsss.core.data.augment import normalize
 
     x = normalize(rgb)[None]

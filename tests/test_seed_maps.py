@@ -6,8 +6,19 @@ import pytest
 import torch
 
 from ray_wsss.core.models.vit import AttentionViT, ViTConfig
-from ray_wsss.core.seeds.acr_maps import GRAD_STRATEGIES, ACRMapConfig, class_maps, minmax_per_class, naive_class_maps
-from ray_wsss.core.seeds.tta import scaled_size, seed_scores, seed_scores_batch
+from ray_wsss.core.methods import get_method
+from ray_wsss.core.seeds.acr_maps import GRAD_STRATEGIES, ACRMapConfig, class_maps, naive_class_maps
+from ray_wsss.core.seeds.tta import TTAConfig, minmax_per_class, scaled_size
+
+ACR = get_method("acr")
+
+
+def seed_scores(model, rgb, classes, scales=(1.0,), flip=True):
+    return ACR.seed_scores(model, [rgb], [classes], tta=TTAConfig(scales=scales, flip=flip))[0]
+
+
+def seed_scores_batch(model, images, classes):
+    return ACR.seed_scores(model, images, classes)
 
 NUM_CLASSES = 5
 # Varied classes per image: 1, 3, none, 2.

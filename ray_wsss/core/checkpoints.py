@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import io
 import posixpath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ray_wsss.core import storage
 from ray_wsss.core.errors import WsssError
 from ray_wsss.core.storage import StorageOptions
+
+if TYPE_CHECKING:
+    from ray_wsss.core.methods import Method
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -44,3 +47,18 @@ def load_state(checkpoint_uri: str, options: StorageOptions | None = None) -> di
     """The dict saved in ``model.pt`` (tensors on CPU)."""
     data = storage.read_bytes(storage.join(checkpoint_uri, MODEL_FILE), options)
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+def load_classifier(checkpoint_uri: str, options: StorageOptions | None,
+                    device: torch.device) -> tuple[torch.nn.Module, Method, list[str]]:
+    """(model in eval mode on ``device``, its method, class names) from a classifier checkpoint directory."""
+    from ray_wsss.core.methods import get_method
+    from ray_wsss.core.models.vit import ViTConfig
+
+    state = load_state(checkpoint_uri, options)
+    class_names = state["class_names"]
+    method = get_method(state["method"])
+    # The trained weights cover everything: never load the initial ones again.
+    model = method.build_model(ViTConfig(**{**state["model_config"], "weights": None}), len(class_names) - 1)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), method, class_names

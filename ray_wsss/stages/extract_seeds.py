@@ -20,8 +20,8 @@ from ray_wsss.core import commit
 from ray_wsss.harness import batch_stage
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.errors import RecordError
-from ray_wsss.core.models import build_classifier
-from ray_wsss.core.models.vit import ViTConfig
+from ray_wsss.core.methods import MapOptions
+from ray_wsss.core.seeds.tta import TTAConfig
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.core import checkpoints
 from ray_wsss.harness.cluster import model_actor_pool
@@ -53,23 +53,15 @@ class ExtractSeedsConfig:
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
 
-def load_classifier(checkpoint_uri: str, options: StorageOptions | None, device: torch.device):
-    """(model in eval mode on ``device``, method, class names) from a checkpoint directory."""
-    state = checkpoints.load_state(checkpoint_uri, options)
-    class_names = state["class_names"]
-    cfg = ViTConfig(**{**state["model_config"], "weights": None})
-    model = build_classifier(state["method"], cfg, len(class_names) - 1)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state["method"], class_names
-
-
 class SeedExtractor:
     """Ray Data UDF: samples rows -> seeds rows. The model is loaded once per actor."""
 
     def __init__(self, cfg: ExtractSeedsConfig, checkpoint_uri: str):
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        self.model, self.method, _ = load_classifier(checkpoint_uri, cfg.storage, self.device)
+        self.model, self.method, _ = checkpoints.load_classifier(checkpoint_uri, cfg.storage, self.device)
+        self.map_options = MapOptions(layers=cfg.layers, refine=cfg.refine, refine_layers=cfg.refine_layers)
+        self.tta = TTAConfig(scales=tuple(cfg.scales), flip=cfg.flip, base_size=cfg.base_size)
         self.sink = batch_stage.ErrorSink(cfg.out, STAGE, cfg.storage)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
@@ -94,24 +86,7 @@ class SeedExtractor:
         return pa.Table.from_pylist(rows, schema=schema.SEEDS)
 
     def _scores(self, images: list[np.ndarray], classes: list[list[int]]) -> list[np.ndarray]:
-        return seed_scores_for_method(self.method, self.model, images, classes, self.cfg)
-
-
-def seed_scores_for_method(method: str, model: torch.nn.Module, images: list[np.ndarray],
-                           classes: list[list[int]], cfg: ExtractSeedsConfig) -> list[np.ndarray]:
-    """Per image float32 [k, H, W] in [0, 1] for its k labelled classes, by the method's recipe."""
-    if method in ("acr", "baseline"):
-        from ray_wsss.core.seeds.acr_maps import ACRMapConfig
-        from ray_wsss.core.seeds.tta import seed_scores_batch
-
-        map_cfg = ACRMapConfig(grad_layers=cfg.layers or 2, refine=cfg.refine, refine_layers=cfg.refine_layers)
-        return seed_scores_batch(model, images, classes, scales=cfg.scales, flip=cfg.flip, cfg=map_cfg,
-                                 base_size=cfg.base_size)
-    from ray_wsss.core.seeds.mct_maps import MCTMapConfig, mct_seed_scores_batch
-
-    map_cfg = MCTMapConfig(last_layers=cfg.layers or 3, refine=cfg.refine)
-    return mct_seed_scores_batch(model, images, classes, scales=cfg.scales, flip=cfg.flip, cfg=map_cfg,
-                                 base_size=cfg.base_size)
+        return self.method.seed_scores(self.model, images, classes, self.map_options, self.tta)
 
 
 def _seed_row(image_id: str, rgb: np.ndarray, classes: list[int], scores: np.ndarray) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ray_wsss.core import config as config_lib
 from ray_wsss.core import storage
 from ray_wsss.core import commit
-from ray_wsss.core.methods import METHODS
+from ray_wsss.core.methods import list_methods
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.core.config import option
 
@@ -31,7 +31,7 @@ class PipelineConfig:
     format: str = option("synthetic", "layout of a raw --data", choices=("synthetic", "voc", "coco"))
     annotations: str | None = option(None, "COCO instances JSON when --format coco")
     split: str = option("train,val", "splits to prepare; the first trains, the last is scored")
-    method: str = option("acr", "classifier method", choices=METHODS)
+    method: str = option("acr", "classifier method", choices=list_methods())
     use_gpu: bool = option(False, "GPUs for training, seeds and segmentation")
     num_workers: int = option(1, "Ray Train workers for both trainings")
     prepare: dict = dataclasses.field(default_factory=dict)   # YAML only: per-stage overrides

@@ -23,11 +23,9 @@ from ray_wsss.harness import batch_stage
 from ray_wsss.core import storage
 from ray_wsss.core import commit
 from ray_wsss.core.data.augment import ClassifierTransform
-from ray_wsss.core.methods import METHODS, default_consistency_weights
-from ray_wsss.core.methods.acr import ACRLossConfig, acr_losses, baseline_losses
-from ray_wsss.core.methods.mct import mct_acr_losses, mct_losses
+from ray_wsss.core.methods import Method, get_method, list_methods
+from ray_wsss.core.methods.acr import ACRLossConfig
 from ray_wsss.core.methods.views import View, random_view
-from ray_wsss.core.models import build_classifier
 from ray_wsss.core.models.vit import ViTConfig
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.harness import training
@@ -44,7 +42,7 @@ STAGE = "train"
 class TrainClassifierConfig:
     data: str = option("runs/default/data", "sample shards URI (prepare_data's --out)")
     out: str = option("runs/default/train", "output URI for checkpoints, metrics and summary")
-    method: str = option("acr", "training method", choices=METHODS)
+    method: str = option("acr", "training method", choices=list_methods())
     model: str = option("vit_tiny_patch16_224", "timm ViT/DeiT name")
     img_size: int = option(96, "training crop size (pixels)")
     patch_size: int = option(16, "ViT patch size")
@@ -79,8 +77,8 @@ class TrainClassifierConfig:
                          weights=self.weights)
 
     def consistency_weights(self) -> tuple[float, float]:
-        alpha, beta = default_consistency_weights(self.method, pretrained=bool(self.weights))
-        return (alpha if self.alpha is None else self.alpha, beta if self.beta is None else self.beta)
+        weight = get_method(self.method).default_consistency(pretrained=bool(self.weights))
+        return (weight if self.alpha is None else self.alpha, weight if self.beta is None else self.beta)
 
 
 class TrainStep(nn.Module):
@@ -90,14 +88,13 @@ class TrainStep(nn.Module):
     (the ACR paper's Table 6) add the second view and the consistency terms.
     """
 
-    def __init__(self, model: nn.Module, method: str, loss_cfg: ACRLossConfig | None, patch_size: int):
+    def __init__(self, model: nn.Module, method: Method, loss_cfg: ACRLossConfig | None, patch_size: int):
         super().__init__()
         self.model = model
         self.loss_cfg = loss_cfg
         self.patch_size = patch_size
-        mct = method.startswith("mct")
-        self.single_view_losses = mct_losses if mct else baseline_losses
-        self.two_view_losses = mct_acr_losses if mct else acr_losses
+        self.single_view_losses = method.losses
+        self.two_view_losses = method.two_view_losses
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, view: View | None) -> dict[str, torch.Tensor]:
         out1 = self.model(images)
@@ -119,11 +116,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
     num_fg = config["num_classes"] - 1
-    model = build_classifier(cfg.method, cfg.vit_config(), num_fg, cfg.storage)
+    method = get_method(cfg.method)
+    model = method.build_model(cfg.vit_config(), num_fg, storage_options=cfg.storage)
     alpha, beta = cfg.consistency_weights()
     two_views = alpha > 0 or beta > 0
     loss_cfg = ACRLossConfig(alpha=alpha, beta=beta, layers=cfg.acr_layers) if two_views else None
-    step_module = ray.train.torch.prepare_model(TrainStep(model, cfg.method, loss_cfg, cfg.patch_size))
+    step_module = ray.train.torch.prepare_model(TrainStep(model, method, loss_cfg, cfg.patch_size))
 
     steps_per_epoch = max(1, config["num_train"] // (cfg.batch_size * ctx.get_world_size()))
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)

@@ -7,11 +7,18 @@ token's row ``[:C, C:]`` and Laff the patch block ``[C:, C:]``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
+
+import torch.nn as nn
 from torch import Tensor
 
 from ray_wsss.core.methods.acr import ACRLossConfig, acr_losses, classification_loss
+from ray_wsss.core.methods.registry import MapOptions, Method, register_method
 from ray_wsss.core.methods.views import View
+from ray_wsss.core.models.mctformer import create_mctformer
 from ray_wsss.core.models.vit import ClassifierOutput
+from ray_wsss.core.seeds.mct_maps import MCTMapConfig, mct_class_maps
 
 
 def _patchcam_loss(out: ClassifierOutput, labels: Tensor) -> Tensor | None:
@@ -42,3 +49,20 @@ def mct_acr_losses(out1: ClassifierOutput, out2: ClassifierOutput, view: View, l
         losses["cls"] = losses["cls"] + losses["patchcam"]
         losses["total"] = losses["cls"] + cfg.alpha * losses["act"] + cfg.beta * losses["aff"]
     return losses
+
+
+def attention_class_maps(model: nn.Module, images: Tensor, classes: Sequence[Sequence[int]],
+                         options: MapOptions) -> list[Tensor]:
+    """MCTformer's seeds: class-to-patch attention of the last 3 blocks (by default), V2 fused with PatchCAM."""
+    if options.refine_layers is not None:
+        raise ValueError("MCTformer refines with the patch affinity of all blocks, as its authors do; "
+                         f"refine_layers={options.refine_layers} applies to ACR/baseline seeds only")
+    return mct_class_maps(model, images, classes, MCTMapConfig(last_layers=options.layers or 3, refine=options.refine))
+
+
+for _version in ("v1", "v2"):
+    register_method(Method(
+        name=f"mct-{_version}",
+        description=f"MCTformer-{_version.upper()}: one class token per class" + (" + PatchCAM" if _version == "v2" else ""),
+        build_model=partial(create_mctformer, version=_version), losses=mct_losses, two_view_losses=mct_acr_losses,
+        class_maps=attention_class_maps))

@@ -96,18 +96,6 @@ def naive_class_maps(model: AttentionViT, images: Tensor, classes: Sequence[Sequ
     return results
 
 
-def minmax_per_class(maps: Tensor) -> Tensor:
-    """[k, ...] -> each class map scaled to [0, 1]; a constant map becomes 0."""
-    if maps.numel() == 0:
-        return maps.clone()
-    flat = maps.flatten(1)
-    low = flat.min(dim=1, keepdim=True).values
-    span = flat.max(dim=1, keepdim=True).values - low
-    # Constant maps: divide by 1 (result 0) rather than by 0.
-    scaled = (flat - low) / torch.where(span > 0, span, torch.ones_like(span))
-    return scaled.reshape(maps.shape)
-
-
 def _logit_index(class_id: int, num_logits: int) -> int:
     if not 1 <= class_id <= num_logits:
         raise ValueError(f"class id {class_id} is not a foreground class of a {num_logits}-class model "
