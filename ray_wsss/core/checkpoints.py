@@ -1,16 +1,20 @@
-"""Checkpoints of the training jobs: what they hold and how later stages find the latest one.
+"""Checkpoints of the training jobs: a directory of data, never of code.
 
-A checkpoint is a directory with ``model.pt`` (weights, model config, optimiser state, history)
-and ``meta.json`` (epoch, method, classes). ``--checkpoint`` arguments accept either a checkpoint
-directory or a training job's ``--out``: then the one named in its summary, else the newest epoch.
+A checkpoint directory holds ``model.safetensors`` (the weights), ``meta.json`` (model config, method,
+classes, epoch, history: what building and reading the model needs) and, for resuming, ``train_state.pt``
+(optimiser, schedule and scaler state: tensors and numbers only, read with ``torch.load(weights_only=True)``).
+Nothing here unpickles an arbitrary object, so a crafted checkpoint cannot run code. Checkpoints of older
+versions (a pickled ``model.pt``) are refused with a message rather than loaded.
 """
 from __future__ import annotations
 
-import io
-import posixpath
+import json
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from ray_wsss.core import storage
 from ray_wsss.core.errors import WsssError
@@ -19,34 +23,47 @@ from ray_wsss.core.storage import StorageOptions
 if TYPE_CHECKING:
     from ray_wsss.core.methods import Method
 
-MODEL_FILE = "model.pt"
+WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
+TRAIN_STATE_FILE = "train_state.pt"
+LEGACY_FILE = "model.pt"
+SEGMENTER_METHOD = "deeplab"  # what train_deeplab checkpoints say they hold
 
 
-def find_checkpoint(uri: str, options: StorageOptions | None = None) -> str:
-    """A checkpoint directory URI from a checkpoint URI or a training job's output URI."""
-    if storage.exists(storage.join(uri, MODEL_FILE), options):
-        return uri
-    summary_uri = storage.join(uri, "summary.json")
-    if storage.exists(summary_uri, options):
-        named = storage.read_json(summary_uri, options).get("checkpoint")
-        if named and storage.exists(storage.join(named, MODEL_FILE), options):
-            return named
-    metas = [f for f in storage.list_files(uri, options) if posixpath.basename(f) == META_FILE]
-    if not metas:
-        raise WsssError(f"no checkpoint under {uri}: expected {MODEL_FILE} there or a training job's output")
-    scored = []
-    for rel in metas:
-        meta = storage.read_json(storage.join(uri, rel), options)
-        scored.append((int(meta.get("epoch", -1)), rel))
-    _, best = max(scored)
-    return storage.join(uri, posixpath.dirname(best))
+def write_checkpoint_dir(directory: str, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Weights as safetensors and the rest as JSON, in a local directory."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, os.path.join(directory, WEIGHTS_FILE))
+    with open(os.path.join(directory, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def read_checkpoint_dir(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, meta) of a local checkpoint directory."""
+    with open(os.path.join(directory, WEIGHTS_FILE), "rb") as f:
+        weights = load_safetensors(f.read())
+    with open(os.path.join(directory, META_FILE)) as f:
+        return weights, json.load(f)
+
+
+def is_checkpoint(uri: str, options: StorageOptions | None = None) -> bool:
+    return storage.exists(storage.join(uri, WEIGHTS_FILE), options)
 
 
 def load_state(checkpoint_uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
-    """The dict saved in ``model.pt`` (tensors on CPU)."""
-    data = storage.read_bytes(storage.join(checkpoint_uri, MODEL_FILE), options)
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    """A checkpoint directory (local or s3://) as ``{"model": weights, **meta}`` (tensors on CPU)."""
+    if not is_checkpoint(checkpoint_uri, options):
+        if storage.exists(storage.join(checkpoint_uri, LEGACY_FILE), options):
+            raise WsssError(f"{checkpoint_uri} is a checkpoint of an older ray-wsss (a pickled {LEGACY_FILE}); it is "
+                            "not loaded, because unpickling can run code: retrain, or convert it where you trust it")
+        raise WsssError(f"{checkpoint_uri} is not a checkpoint directory: no {WEIGHTS_FILE}")
+    try:
+        weights = load_safetensors(storage.read_bytes(storage.join(checkpoint_uri, WEIGHTS_FILE), options))
+    except WsssError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
+        raise WsssError(f"{checkpoint_uri}/{WEIGHTS_FILE} is not a readable safetensors file: {err}") from err
+    meta = storage.read_json(storage.join(checkpoint_uri, META_FILE), options)
+    return {**meta, "model": weights}
 
 
 def load_classifier(checkpoint_uri: str, options: StorageOptions | None,
@@ -62,3 +79,19 @@ def load_classifier(checkpoint_uri: str, options: StorageOptions | None,
     model = method.build_model(ViTConfig(**{**state["model_config"], "weights": None}), len(class_names) - 1)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), method, class_names
+
+
+def load_segmenter(checkpoint_uri: str, options: StorageOptions | None,
+                   device: torch.device) -> tuple[torch.nn.Module, list[str]]:
+    """(DeepLab in eval mode on ``device``, class names) from a train_deeplab checkpoint directory."""
+    from ray_wsss.core.models.deeplab import DeepLabConfig, create_deeplab
+
+    state = load_state(checkpoint_uri, options)
+    if state.get("method") != SEGMENTER_METHOD:
+        raise WsssError(f"{checkpoint_uri} holds a {state.get('method')!r} checkpoint, not a DeepLab one "
+                        "(jobs/train_deeplab.py writes those)")
+    # The trained weights cover the backbone: never fetch the initial ones again.
+    model_cfg = DeepLabConfig(**{**state["model_config"], "backbone_weights": None})
+    model = create_deeplab(model_cfg, len(state["class_names"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state["class_names"]

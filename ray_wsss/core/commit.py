@@ -22,6 +22,7 @@ from ray_wsss.core.storage import (StorageOptions, delete, exists, join, list_fi
 
 SUCCESS_FILE = "_SUCCESS"
 STAGING_DIR = "_staging"
+MANIFEST_VERSION = 2  # 2: per-table "file_splits" (every per-image file holds one split)
 
 
 def staging_uri(out: str, table: str) -> str:
@@ -42,12 +43,31 @@ def read_manifest(out: str, options: StorageOptions | None = None) -> dict:
     return read_json(join(out, SUCCESS_FILE), options)
 
 
-def table_files(out: str, table: str, options: StorageOptions | None = None) -> list[str]:
-    """URIs of the committed data files of ``table`` in stage ``out``."""
+def _table_entry(out: str, table: str, options: StorageOptions | None) -> dict:
     manifest = read_manifest(out, options)
     if table not in manifest["tables"]:
         raise StageNotCommittedError(f"{out} has no table {table!r}; it has {sorted(manifest['tables'])}")
-    return [join(out, table, name) for name in manifest["tables"][table]["files"]]
+    if manifest.get("version", 1) < MANIFEST_VERSION:
+        raise StageNotCommittedError(
+            f"{out} was committed by an older ray-wsss (manifest version {manifest.get('version', 1)}, this one "
+            f"reads {MANIFEST_VERSION}: per-file splits); rerun the stage that wrote it with --overwrite")
+    return manifest["tables"][table]
+
+
+def table_file_names(out: str, table: str, options: StorageOptions | None = None) -> list[str]:
+    """Names of the committed data files of ``table`` in stage ``out`` (sorted)."""
+    return list(_table_entry(out, table, options)["files"])
+
+
+def table_files(out: str, table: str, options: StorageOptions | None = None) -> list[str]:
+    """URIs of the committed data files of ``table`` in stage ``out``."""
+    return [join(out, table, name) for name in table_file_names(out, table, options)]
+
+
+def file_splits(out: str, table: str, options: StorageOptions | None = None) -> dict[str, str]:
+    """{file name: split} of a committed per-image table: every file holds rows of one split."""
+    entry = _table_entry(out, table, options)
+    return {name: entry["file_splits"][name] for name in entry["files"]}
 
 
 def read_table(out: str, table: str, options: StorageOptions | None = None,
@@ -120,6 +140,16 @@ def readable_staged_files(out: str, table: str, options: StorageOptions | None =
     return good
 
 
+def staged_file_readable(uri: str, options: StorageOptions | None = None) -> bool:
+    """True when the staged file exists and its Parquet footer reads (it was written completely)."""
+    fs, path = resolve(uri, options)
+    try:
+        pq.read_metadata(path, filesystem=fs)
+        return True
+    except Exception:  # noqa: BLE001 - missing, or partial from a crashed writer
+        return False
+
+
 def staged_column(out: str, table: str, column: str, options: StorageOptions | None = None) -> list:
     """Values of one column over the readable staged files (resume: which ids are done)."""
     fs, _ = resolve(out, options)
@@ -138,7 +168,8 @@ def reset_stage(out: str, options: StorageOptions | None = None) -> None:
 
 def commit_stage(out: str, tables: Iterable[str], metadata: dict,
                  options: StorageOptions | None = None,
-                 make_summary: Callable[[dict], dict] | None = None) -> dict:
+                 make_summary: Callable[[dict], dict] | None = None,
+                 file_splits: dict[str, str] | None = None) -> dict:
     """Move staged tables into place, write ``dataset.json`` (and ``summary.json``), then ``_SUCCESS``.
 
     ``make_summary(manifest)`` builds the summary from the committed row counts. Returns the
@@ -146,7 +177,8 @@ def commit_stage(out: str, tables: Iterable[str], metadata: dict,
     here leaves a stage that a rerun redoes.
     """
     fs, _ = resolve(out, options)
-    manifest: dict = {"tables": {}, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest: dict = {"version": MANIFEST_VERSION, "tables": {},
+                      "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for table in tables:
         final_dir = join(out, table)
         delete(final_dir, options)  # leftovers of an earlier crashed commit; never committed
@@ -158,7 +190,8 @@ def commit_stage(out: str, tables: Iterable[str], metadata: dict,
             names.append(name)
         rows = sum(pq.read_metadata(resolve(join(final_dir, n), options)[1], filesystem=fs).num_rows
                    for n in names)
-        manifest["tables"][table] = {"files": sorted(names), "rows": rows}
+        manifest["tables"][table] = {"files": sorted(names), "rows": rows,
+                                     "file_splits": {n: (file_splits or {}).get(n) for n in sorted(names)}}
     write_json(join(out, "dataset.json"), metadata, options)
     delete(join(out, STAGING_DIR), options)
     if make_summary is not None:

@@ -1,86 +1,179 @@
-"""What every batch stage shares: per-record error capture, streaming resumable writes, commit.
+"""The batch-stage harness: one way to run prepare_data, extract_seeds, make_masks, segment and evaluate.
 
-A stage maps records to rows of one table with Ray Data. Records that fail are written by the
-UDF itself, straight into the stage's staged ``errors`` table, and the good rows stream on to
-``write_parquet``; nothing is materialised. A rerun after a crash skips every id already staged
-(as a row or as an error), so it finishes the missing work without duplicating rows.
+Every per-image table is file-granular. The sample shards are files of one split each, of at most
+``rows_per_file`` rows, and every table a later stage derives from them has one file per samples file,
+with the same name and the samples' row order (a subsequence: records that fail go to the errors table).
+So a stage pairs its inputs file by file, in order, with no join and no shuffle; an actor holds one batch
+of images plus one file's small paired columns (seed maps, masks); and a crashed stage resumes at the grain
+of one file.
+
+A stage describes itself as a :class:`BatchStage`: one :class:`FileTask` per output file, the worker class
+that each actor of a Ray Data actor pool builds once (it loads its model there), and what to commit.
+:func:`run` does the rest: skip a committed stage, stage every file not staged yet, check ``max_errors``
+and that a non-empty input gave rows, commit atomically, draw the contact sheet.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import os
+import tempfile
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from ray_wsss.core import schema, storage
-from ray_wsss.core import commit
-from ray_wsss.core.errors import RecordError, TooManyErrorsError
+from ray_wsss.core import commit, schema, storage
+from ray_wsss.core.config import option
+from ray_wsss.core.errors import RecordError, TooManyErrorsError, WsssError
 from ray_wsss.core.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
 
-class ErrorSink:
-    """Writes failed records of one batch to the stage's staged errors table."""
+@dataclasses.dataclass
+class StageConfig:
+    """What every batch stage's config has; a stage's config dataclass subclasses it."""
 
-    def __init__(self, out: str, stage: str, options: StorageOptions | None):
-        self.out, self.stage, self.options = out, stage, options
-
-    def write(self, failures: list[tuple[str, str]]) -> None:
-        if not failures:
-            return
-        table = pa.table({"image_id": [f[0] for f in failures], "stage": [self.stage] * len(failures),
-                          "error": [f[1] for f in failures]}, schema=schema.ERRORS)
-        # Named by content: a retried task rewrites the same file instead of adding duplicates.
-        digest = hashlib.sha1("\n".join(sorted(f[0] for f in failures)).encode()).hexdigest()[:16]
-        commit.write_staged_table(self.out, "errors", table, self.options, name=f"errors-{digest}.parquet")
-        for image_id, reason in failures:
-            log.warning("[%s] %s: %s", self.stage, image_id, reason)
+    out: str = option("runs/default/out", "output URI (local path or s3://)")
+    batch_size: int = option(8, "records per batch an actor processes at once")
+    use_gpu: bool = option(False, "one GPU per actor")
+    num_actors: int | None = option(None, "most actors in the pool (default: as many as the cluster's resources allow, "
+                                          "growing with an autoscaling cluster)")
+    max_errors: int | None = option(None, "fail when more records than this fail (default: never)")
+    overwrite: bool = option(False, "redo a stage that is already committed")
+    storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
 
-def map_records(records: Iterable[Any], table: str, fn: Callable[[Any], dict[str, Any]],
-                record_id: Callable[[Any], str], sink: ErrorSink) -> pa.Table:
-    """Apply ``fn`` per record. Failures go to ``sink`` with their reason; never a crash, never dropped."""
-    rows, failures = [], []
-    for record in records:
-        try:
-            rows.append(fn(record))
-        except RecordError as err:
-            failures.append((err.image_id, err.message))
-        except Exception as err:  # noqa: BLE001 - one bad record must not fail the job
-            failures.append((record_id(record), f"{type(err).__name__}: {err}"))
-    sink.write(failures)
-    return pa.Table.from_pylist(rows, schema=schema.SCHEMAS[table])
+@dataclasses.dataclass
+class DataStageConfig(StageConfig):
+    """A stage that reads the sample shards."""
+
+    data: str = option("runs/default/data", "sample shards URI (prepare_data's --out)")
+    split: str | None = option(None, "comma-separated splits to process (default: all)")
+
+    def splits(self) -> list[str] | None:
+        return parse_splits(self.split)
 
 
-def batch_records(batch: dict[str, Any]) -> list[dict[str, Any]]:
-    """A numpy-format Ray Data batch as a list of row dicts."""
-    keys = list(batch)
-    return [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
+def parse_splits(split: str | None) -> list[str] | None:
+    """"train, val" -> ["train", "val"]; None or "" -> None (all splits)."""
+    names = [s.strip() for s in (split or "").split(",") if s.strip()]
+    return names or None
 
 
-def done_ids(out: str, table: str, options: StorageOptions | None) -> set[str]:
-    """Ids already staged by an earlier, crashed run: as rows or as errors."""
-    return set(commit.staged_column(out, table, "image_id", options)) | set(
-        commit.staged_column(out, "errors", "image_id", options))
+@dataclasses.dataclass(frozen=True)
+class FileTask:
+    """One output file: the records that drive it and the co-partitioned files paired with them.
+
+    ``primary`` is the URI of the Parquet file whose rows drive the task (streamed in batches), or None when
+    the records come inline (prepare's listing). ``paired`` maps a role to the URI of a file of the same
+    name in another table, read whole and matched to the primary rows by ``image_id``.
+    """
+
+    name: str
+    primary: str | None = None
+    paired: tuple[tuple[str, str], ...] = ()
+    records: tuple[dict[str, Any], ...] = ()
 
 
-def skip_done(ds, done: set[str]):
-    """Drop the records a previous run already finished."""
-    if not done:
-        return ds
-    done_array = pa.array(sorted(done), pa.string())
-    return ds.map_batches(lambda t: t.filter(pc.invert(pc.is_in(t["image_id"], value_set=done_array))),
-                          batch_format="pyarrow")
+class Worker(Protocol):
+    """A stage's per-actor worker, built as ``worker_class(cfg, *worker_args)``.
+
+    ``columns`` names the columns to read per role (``"primary"`` and each paired role);
+    ``unclaimed_are_errors`` (optional) the paired roles whose rows must each match a primary row. ``process`` turns
+    a batch of records (a primary row with each paired role's row under the role's name, or None when the
+    paired file has none) into (rows of the output table, [(image_id, reason)] failures).
+    """
+
+    columns: dict[str, list[str]]
+
+    def process(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]: ...
 
 
-def write_rows(ds, out: str, table: str, options: StorageOptions | None) -> None:
-    """Stream a Ray dataset of ``table`` rows into the stage's staging area."""
-    fs, path = storage.resolve(commit.staging_uri(out, table), options)
-    ds.write_parquet(path, filesystem=fs, schema=schema.SCHEMAS[table])
+@dataclasses.dataclass
+class BatchStage:
+    """What a stage gives :func:`run`. ``table`` None: the stage writes no table (evaluate), and each
+    task's result row carries what ``reduce`` folds into the summary."""
+
+    name: str
+    table: str | None
+    worker: type
+    worker_args: tuple
+    tasks: list[FileTask]
+    metadata: dict[str, Any]
+    summary: dict[str, Any]
+    remote_args: dict[str, Any] = dataclasses.field(default_factory=lambda: {"num_cpus": 1})
+    file_splits: dict[str, str] = dataclasses.field(default_factory=dict)
+    contact_sheet: Callable[[], bytes | None] | None = None
+    reduce: Callable[[Iterator[dict[str, Any]]], dict[str, Any]] | None = None
+    listing_errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    after_tasks: Callable[[], dict[str, Any]] | None = None  # facts known once the tasks ran: into metadata + summary
+
+
+# ---------------------------------------------------------------- driver side
+
+def run(cfg: StageConfig, name: str, build: Callable[[], BatchStage]) -> dict[str, Any]:
+    """Run a batch stage: skipped if committed, else every unstaged file on an actor pool, then commit."""
+    timer = Timer()
+    skipped = begin(cfg.out, name, cfg.overwrite, cfg.storage)
+    if skipped:
+        return skipped
+    stage = build()
+    late: dict[str, Any] = {}
+    if stage.table is None:  # a reduction (evaluate): cheap, so rerun whole rather than resumed
+        late.update(stage.reduce(map_tasks(cfg, stage, stage.tasks)))
+    else:
+        _check_plan(cfg, stage)
+        todo = [t for t in stage.tasks if not _is_staged(cfg.out, stage.table, t.name, cfg.storage)]
+        log.info("[%s] %d of %d files to make under %s", name, len(todo), len(stage.tasks), cfg.out)
+        for result in map_tasks(cfg, stage, todo):
+            log.info("[%s] %s: %d rows, %d errors", name, result["name"], result["rows"], result["errors"])
+    if stage.listing_errors:
+        write_errors(cfg.out, "listing", stage.name, stage.listing_errors, cfg.storage)
+    rows, errors = _staged_counts(cfg.out, stage.table, cfg.storage)
+    check_errors(cfg.out, errors, cfg.max_errors, cfg.storage)
+    if stage.table is not None and rows == 0 and errors:
+        raise WsssError(f"[{name}] every one of the {errors} input records failed, so nothing would be committed "
+                        f"to {cfg.out}; first reasons: {first_errors(cfg.out, cfg.storage)}")
+    late.update(stage.after_tasks() if stage.after_tasks else {})
+    summary = commit_tables(cfg.out, stage.table, {**stage.metadata, **late},
+                            {**stage.summary, **late, "seconds": timer.seconds()}, cfg.storage,
+                            file_splits=stage.file_splits)
+    if stage.contact_sheet is not None:
+        png = stage.contact_sheet()
+        if png:
+            storage.write_bytes(storage.join(cfg.out, "contact_sheet.png"), png, cfg.storage)
+    return summary
+
+
+def map_tasks(cfg: StageConfig, stage: BatchStage, tasks: Sequence[FileTask]) -> Iterator[dict[str, Any]]:
+    """The tasks on a Ray Data actor pool (one task per call); yields each task's result row as it lands."""
+    import ray.data
+
+    if not tasks:
+        return
+    items = [{"task": task} for task in tasks]
+    results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _TaskRunner, fn_constructor_args=(stage.worker, stage.worker_args, cfg, stage.name, stage.table),
+        batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors), **stage.remote_args)
+    for row in results.iter_rows():
+        yield dict(row)
+
+
+def _check_plan(cfg: StageConfig, stage: BatchStage) -> None:
+    """Staged files of an earlier run must be files this run would make, or the commit would mix two plans."""
+    staging = commit.staging_uri(cfg.out, stage.table)
+    planned = {t.name for t in stage.tasks}
+    foreign = sorted(set(storage.list_files(staging, cfg.storage, suffix=".parquet")) - planned)
+    if foreign:
+        raise WsssError(f"{staging} holds files an earlier, unfinished run planned differently ({foreign[:3]}"
+                        f"{' ...' if len(foreign) > 3 else ''}: another split, listing or --rows-per-file?); "
+                        "rerun with the same settings to resume it, or pass --overwrite to start over")
 
 
 def begin(out: str, stage: str, overwrite: bool, options: StorageOptions | None) -> dict[str, Any] | None:
@@ -95,20 +188,21 @@ def begin(out: str, stage: str, overwrite: bool, options: StorageOptions | None)
     return None
 
 
-def commit_tables(out: str, table: str, metadata: dict[str, Any], summary: dict[str, Any], max_errors: int | None,
-           options: StorageOptions | None) -> dict[str, Any]:
-    """Check --max-errors, then commit ``table`` + errors with dataset.json and summary.json."""
-    num_errors = len(commit.staged_column(out, "errors", "image_id", options))
-    check_errors(out, num_errors, max_errors, options)
-    metadata.setdefault("counts", {})["errors"] = num_errors
+def commit_tables(out: str, table: str | None, metadata: dict[str, Any], summary: dict[str, Any],
+                  options: StorageOptions | None, file_splits: dict[str, str] | None = None) -> dict[str, Any]:
+    """Commit ``table`` + errors with dataset.json and summary.json (rows and errors counted from the files)."""
+    metadata.setdefault("counts", {})
     final: dict[str, Any] = {}
 
     def make_summary(manifest: dict) -> dict:
-        final.update(summary, rows=manifest["tables"][table]["rows"],
-                     errors=manifest["tables"]["errors"]["rows"], skipped=False)
+        metadata["counts"]["errors"] = manifest["tables"]["errors"]["rows"]
+        if table is not None:
+            final["rows"] = manifest["tables"][table]["rows"]
+        final.update(summary, errors=manifest["tables"]["errors"]["rows"], skipped=False)
         return final
 
-    commit.commit_stage(out, [table, "errors"], metadata, options, make_summary)
+    tables = ["errors"] if table is None else [table, "errors"]
+    commit.commit_stage(out, tables, metadata, options, make_summary, file_splits=file_splits)
     return final
 
 
@@ -116,16 +210,204 @@ def check_errors(out: str, num_errors: int, max_errors: int | None, options: Sto
     """Fail past --max-errors, quoting the first reasons; the staged errors stay for inspection."""
     if max_errors is None or num_errors <= max_errors:
         return
-    import pyarrow.parquet as pq
-
-    reasons = []
-    for uri in commit.readable_staged_files(out, "errors", options)[:3]:
-        fs, path = storage.resolve(uri, options)
-        t = pq.read_table(path, filesystem=fs)
-        reasons += [f"{i}: {e}" for i, e in zip(t["image_id"].to_pylist(), t["error"].to_pylist())]
     raise TooManyErrorsError(
-        f"{num_errors} records failed, more than --max-errors {max_errors}; first ones: {reasons[:5]}; "
-        f"all failures are staged under {commit.staging_uri(out, 'errors')}")
+        f"{num_errors} records failed, more than --max-errors {max_errors}; first ones: "
+        f"{first_errors(out, options)}; all failures are staged under {commit.staging_uri(out, 'errors')}")
+
+
+def first_errors(out: str, options: StorageOptions | None, count: int = 5) -> list[str]:
+    reasons: list[str] = []
+    for uri in commit.readable_staged_files(out, "errors", options):
+        fs, path = storage.resolve(uri, options)
+        table = pq.read_table(path, filesystem=fs)
+        reasons += [f"{i}: {e}" for i, e in zip(table["image_id"].to_pylist(), table["error"].to_pylist())]
+        if len(reasons) >= count:
+            break
+    return reasons[:count]
+
+
+def _staged_counts(out: str, table: str | None, options: StorageOptions | None) -> tuple[int, int]:
+    def rows(name: str | None) -> int:
+        if name is None:
+            return 0
+        total = 0
+        for uri in commit.readable_staged_files(out, name, options):
+            fs, path = storage.resolve(uri, options)
+            total += pq.read_metadata(path, filesystem=fs).num_rows
+        return total
+
+    return rows(table), rows("errors")
+
+
+def _is_staged(out: str, table: str, name: str, options: StorageOptions | None) -> bool:
+    return commit.staged_file_readable(storage.join(commit.staging_uri(out, table), name), options)
+
+
+# ---------------------------------------------------------------- tasks (driver)
+
+def samples_files(data: str, options: StorageOptions | None, splits: Sequence[str] | None = None) -> dict[str, str]:
+    """{file name: split} of the committed sample shards, restricted to ``splits``; refuses unknown splits."""
+    file_splits = commit.file_splits(data, "samples", options)
+    if splits is None:
+        return file_splits
+    known = sorted(set(file_splits.values()))
+    missing = [s for s in splits if s not in known]
+    if missing:
+        raise WsssError(f"{data} has no split(s) {missing}; it has {known}")
+    return {name: split for name, split in file_splits.items() if split in splits}
+
+
+def follow_samples(data: str, names: Sequence[str], options: StorageOptions | None,
+                   paired: dict[str, str] | None = None) -> list[FileTask]:
+    """One task per samples file: its rows drive the task; ``paired`` = {role: stage URI} whose table
+    file of the same name (when committed) is paired with them."""
+    tasks = []
+    for name in names:
+        pairs = []
+        for role, (uri, table) in (paired or {}).items():
+            files = set(commit.table_file_names(uri, table, options))
+            if name in files:
+                pairs.append((role, storage.join(uri, table, name)))
+        tasks.append(FileTask(name=name, primary=storage.join(data, "samples", name), paired=tuple(pairs)))
+    return tasks
+
+
+# ---------------------------------------------------------------- tasks (actor side)
+
+class _TaskRunner:
+    """The actor: builds the stage's worker once, then makes one output file per task."""
+
+    def __init__(self, worker_class: type, worker_args: tuple, cfg: StageConfig, stage: str, table: str | None):
+        self.worker = worker_class(cfg, *worker_args)
+        self.cfg, self.stage, self.table = cfg, stage, table
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        results = [self._run(task) for task in batch["task"]]
+        keys = sorted({k for r in results for k in r})
+        return {k: [r.get(k) for r in results] for k in keys}
+
+    def _run(self, task: FileTask) -> dict[str, Any]:
+        rows_out: list[pa.RecordBatch] = []
+        failures: list[tuple[str, str]] = []
+        target = schema.SCHEMAS[self.table] if self.table else None
+        unclaimed = getattr(self.worker, "unclaimed_are_errors", ())
+        for records in iter_task_records(task, self.worker.columns, self.cfg.batch_size, self.cfg.storage,
+                                         failures, unclaimed):
+            rows, failed = _process(self.worker, records)
+            failures += failed
+            if target is not None and rows:
+                rows_out.append(pa.RecordBatch.from_pylist(rows, schema=target))
+        result = {"name": task.name, "rows": sum(b.num_rows for b in rows_out), "errors": len(failures)}
+        if failures:
+            write_errors(self.cfg.out, task.name, self.stage, failures, self.cfg.storage)
+        if target is not None:
+            # Written last: a readable table file says the task (and its errors) is complete.
+            write_table_file(commit.staging_uri(self.cfg.out, self.table), task.name,
+                             pa.Table.from_batches(rows_out, schema=target), self.cfg.storage)
+        finish = getattr(self.worker, "task_result", None)
+        return {**result, **(finish() if finish else {})}
+
+
+def _process(worker: Worker, records: list[dict[str, Any]]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The worker on a batch; a batch that raises is retried record by record, so one bad record fails alone."""
+    try:
+        return worker.process(records)
+    except Exception as err:  # noqa: BLE001 - isolate the bad record instead of failing the batch
+        if len(records) == 1:
+            return [], [_failure(records[0], err)]
+    rows, failures = [], []
+    for record in records:
+        try:
+            good, bad = worker.process([record])
+        except Exception as err:  # noqa: BLE001
+            good, bad = [], [_failure(record, err)]
+        rows += good
+        failures += bad
+    return rows, failures
+
+
+def _failure(record: dict[str, Any], err: BaseException) -> tuple[str, str]:
+    if isinstance(err, RecordError):
+        return err.image_id, err.message
+    return str(record.get("image_id")), f"{type(err).__name__}: {err}"
+
+
+def iter_task_records(task: FileTask, columns: dict[str, list[str]], batch_size: int,
+                      options: StorageOptions | None, failures: list[tuple[str, str]],
+                      unclaimed_are_errors: Sequence[str] = ()) -> Iterator[list[dict]]:
+    """Batches of a task's records: primary rows (streamed) with each paired role's row matched by id.
+
+    Rows of the roles in ``unclaimed_are_errors`` that no primary row claims are appended to ``failures``:
+    they name images the data lacks.
+    """
+    if task.primary is None:
+        for start in range(0, len(task.records), batch_size):
+            yield [dict(r) for r in task.records[start:start + batch_size]]
+        return
+    paired = {role: _rows_by_id(uri, columns.get(role), options) for role, uri in task.paired}
+    claimed: set[str] = set()
+    for batch in iter_file_batches(task.primary, columns.get("primary"), batch_size, options):
+        records = batch.to_pylist()
+        for record in records:
+            claimed.add(record["image_id"])
+            for role in columns:
+                if role != "primary":
+                    record[role] = paired.get(role, {}).get(record["image_id"])
+        yield records
+    for role in unclaimed_are_errors:
+        by_id = paired.get(role, {})
+        failures += [(image_id, f"a {role} row for an image that is not in this file of the data "
+                                f"({task.primary}); was it made from other sample shards?")
+                     for image_id in by_id if image_id not in claimed]
+
+
+def iter_file_batches(uri: str, columns: list[str] | None, batch_size: int,
+                      options: StorageOptions | None) -> Iterator[pa.RecordBatch]:
+    """Stream one Parquet file in batches of ``batch_size`` rows (memory: one batch)."""
+    fs, path = storage.resolve(uri, options)
+    try:
+        with fs.open_input_file(path) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise WsssError(f"cannot read {uri}: {type(err).__name__}: {err}") from err
+
+
+def _rows_by_id(uri: str, columns: list[str] | None, options: StorageOptions | None) -> dict[str, dict]:
+    fs, path = storage.resolve(uri, options)
+    wanted = None if columns is None else sorted(set(columns) | {"image_id"})
+    try:
+        table = pq.read_table(path, filesystem=fs, columns=wanted)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise WsssError(f"cannot read {uri}: {type(err).__name__}: {err}") from err
+    return {row["image_id"]: row for row in table.to_pylist()}
+
+
+def write_table_file(directory: str, name: str, table: pa.Table, options: StorageOptions | None) -> str:
+    """Write one Parquet file atomically: built in a local temporary file, then a rename or a single PUT."""
+    uri = storage.join(directory, name)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, name)
+        pq.write_table(table, local, row_group_size=max(1, table.num_rows))
+        with open(local, "rb") as f:
+            storage.write_bytes(uri, f.read(), options)
+    return uri
+
+
+def write_errors(out: str, name: str, stage: str, failures: list[tuple[str, str]],
+                 options: StorageOptions | None) -> None:
+    """Stage ``failures`` as ``errors/<name>``: one file per task, so a retried task rewrites it, never adds."""
+    table = pa.table({"image_id": [f[0] for f in failures], "stage": [stage] * len(failures),
+                      "error": [f[1] for f in failures]}, schema=schema.ERRORS)
+    base = name if name.endswith(".parquet") else f"{name}.parquet"
+    write_table_file(commit.staging_uri(out, "errors"), base, table, options)
+    for image_id, reason in failures[:20]:
+        log.warning("[%s] %s: %s", stage, image_id, reason)
+
+
+def content_name(prefix: str, ids: Sequence[str]) -> str:
+    """A file name that depends only on the ids it holds (stable across reruns of the same listing)."""
+    digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
+    return f"{prefix}-{digest}.parquet"
 
 
 class Timer:
@@ -136,22 +418,16 @@ class Timer:
         return round(time.time() - self.start, 2)
 
 
-def read_committed(out: str, table: str, options: StorageOptions | None, columns: list[str] | None = None,
-                   split: str | None = None):
-    """A committed table as a Ray dataset (only the files its manifest names), optionally one split."""
-    import ray.data
+def contact_sheet(out: str, table: str, data: str, panels: Callable[[dict, dict], list], titles: Sequence[str],
+                  options: StorageOptions | None, count: int = 6) -> bytes | None:
+    """A PNG of the first ``count`` rows of a committed table: ``panels(row, sample)`` gives one row of pictures
+    (``sample`` holds the image and its ground truth)."""
+    from ray_wsss.core import viz
 
-    files = commit.table_files(out, table, options)
-    fs, _ = storage.resolve(out, options)
-    paths = [storage.resolve(f, options)[1] for f in files]
-    wanted = None if columns is None else sorted(set(columns) | ({"split"} if split else set()))
-    if not paths:
-        return ray.data.from_arrow(schema.SCHEMAS[table].empty_table().select(wanted or schema.SCHEMAS[table].names))
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=wanted)
-    if split:
-        names = [s.strip() for s in split.split(",") if s.strip()]
-        value_set = pa.array(names, pa.string())
-        keep = columns
-        ds = ds.map_batches(lambda t: (t.filter(pc.is_in(t["split"], value_set=value_set))
-                                       .select(keep or t.column_names)), batch_format="pyarrow")
-    return ds
+    rows = commit.read_first_rows(out, table, count, options)
+    if not rows:
+        return None
+    samples = commit.read_rows_by_id(data, "samples", [r["image_id"] for r in rows], options,
+                                     columns=["image_id", "image", "gt_mask"])
+    return viz.contact_sheet([panels(row, samples[row["image_id"]]) for row in rows if row["image_id"] in samples],
+                             titles)

@@ -60,22 +60,15 @@ def pool_resources(pool: str, amount: float = 1.0,
     return {}
 
 
-def model_actor_pool(use_gpu: bool, num_actors: int | None):
-    """(ActorPoolStrategy, map_batches resource args) for a stage whose actors each hold a model.
+def model_actor_args(use_gpu: bool) -> dict:
+    """Ray remote args for an actor that holds a model: a GPU (on the GPU pool's nodes) or one CPU.
 
-    A GPU each on GPU clusters (on the GPU pool's nodes); otherwise one CPU each, for every CPU bar one
-    (left to Ray Data's read and write tasks). ``num_actors`` caps the pool instead.
+    The pool's size is not set here: it autoscales with the resources the cluster has or gains, up to a
+    stage's ``num_actors`` (see ``harness.batch_stage``).
     """
-    import ray
-    import ray.data
-
-    resources = ray.cluster_resources()
     if use_gpu:
-        size = num_actors or max(1, int(resources.get("GPU", 1)))
-        return ray.data.ActorPoolStrategy(min_size=1, max_size=size), {
-            "num_gpus": 1, "resources": pool_resources(GPU_POOL_RESOURCE, 1)}
-    size = num_actors or max(1, int(resources.get("CPU", 2)) - 1)
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=size), {"num_cpus": 1}
+        return {"num_gpus": 1, "resources": pool_resources(GPU_POOL_RESOURCE, 1)}
+    return {"num_cpus": 1}
 
 
 # runtime_env for a local Ray started by a job or script: see quiet_worker_logging.

@@ -1,92 +1,215 @@
-"""What the Ray Train jobs (classifier, DeepLab) share: the run, checkpoints, resume and the finish.
+"""The training harness: one epoch loop on Ray Train V2 for the classifier, DeepLab and the Tune sweep.
 
-A training config passes as a :class:`TrainRun`: any dataclass with the fields below. Rank 0 saves
-each epoch's checkpoint (``model.pt``, ``meta.json``, ``metrics.jsonl``, ``learning_curve.png``);
-:func:`finish` copies the newest metrics and curve next to the run and commits it with
-``summary.json`` and ``_SUCCESS``.
+A trainer stage supplies a :class:`TrainTask` (built on every worker: model, optimiser, one step's
+losses, validation on a slice of the held-out rows) and the datasets; :func:`fit` runs them in a
+``TorchTrainer`` and :func:`finish` commits the run. What the loop does, for every trainer alike:
+
+* seeds torch per rank, picks the device Ray grants (AMP on CUDA), sets CPU threads;
+* resumes from Ray Train's latest checkpoint of the run (fixed ``RunConfig(name=...)``, same storage);
+* averages every logged loss over all ranks, so the learning curve is the whole epoch's;
+* validates in EVERY rank on its own slice of the held-out split, read straight from the Parquet files
+  (no Ray Data in the loop, so no rank can wait for a CPU that another rank's epoch holds — the
+  deadlock a rank-0-only validation over a Ray Data shard risked), then gathers the slices; Ray 2.60's
+  ``ValidationConfig`` runs asynchronously after the report, which would leave the learning curve and
+  ASHA without the epoch's held-out metric;
+* saves a checkpoint each epoch from rank 0: ``model.safetensors`` (weights), ``train_state.pt`` (optimiser,
+  schedule, scaler: plain tensors and numbers, loaded with ``weights_only=True``) and ``meta.json`` (model
+  config, method, classes, epoch, history), plus ``metrics.jsonl`` and ``learning_curve.png``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import ray.train
+import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from ray_wsss.core import checkpoints, commit, storage
 from ray_wsss.core import config as config_lib
-from ray_wsss.core import storage
-from ray_wsss.core import commit
+from ray_wsss.core.config import option
+from ray_wsss.core.errors import WsssError
 from ray_wsss.core.storage import StorageOptions
-from ray_wsss.core import checkpoints
 from ray_wsss.core.viz import learning_curves_png
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 
 
-class TrainRun(Protocol):
-    """The fields of a training config that running, resuming and committing a run need."""
+@dataclasses.dataclass
+class TrainingConfig:
+    """What every trainer's config has; a trainer's config dataclass subclasses it."""
 
-    out: str
-    name: str
-    num_workers: int
-    use_gpu: bool
-    cpus_per_worker: float
-    max_failures: int
-    storage: StorageOptions
+    data: str = option("runs/default/data", "sample shards URI (prepare_data's --out)")
+    val_data: str | None = option(None, "sample shards of the held-out split when they are another directory "
+                                        "(default: --data)")
+    out: str = option("runs/default/train", "output URI for checkpoints, metrics and summary")
+    name: str = option("train", "run name; rerunning with the same name resumes")
+    train_split: str = option("train", "split to train on")
+    val_split: str | None = option("val", "held-out split scored each epoch ('' for none)")
+    epochs: int = option(12, "epochs")
+    batch_size: int = option(32, "batch size per worker")
+    num_workers: int = option(1, "Ray Train workers (DDP ranks)")
+    use_gpu: bool = option(False, "one GPU per worker, nccl, AMP")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per worker; the rest feed Ray Data")
+    max_failures: int = option(2, "worker failures to recover from")
+    seed: int = option(0, "random seed")
+    storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
+
+    def held_out_data(self) -> str:
+        return self.val_data or self.data
+
+
+class TrainTask(Protocol):
+    """One trainer's part of the loop, built on every worker as ``task_class(cfg, loop_config, device)``."""
+
+    model: torch.nn.Module          # the unwrapped model (saved, validated)
+    step_module: torch.nn.Module    # what the loop calls (DDP-wrapped by ray.train.torch.prepare_model)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batch_kwargs: dict[str, Any]    # extra arguments of iter_torch_batches (dtypes)
+    val_columns: list[str]          # columns of the held-out rows validate() needs
+
+    def train_mode(self) -> None: ...
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def validate(self, rows: Iterator[dict[str, Any]]) -> Any: ...
+
+    def validation_metrics(self, parts: list[Any]) -> dict[str, float]: ...
+
+    def checkpoint_meta(self) -> dict[str, Any]: ...
 
 
 # ---------------------------------------------------------------- worker side
 
-def save_checkpoint(directory: str, state: dict[str, Any], meta: dict[str, Any], history: list[dict]) -> None:
-    """Write one checkpoint directory: weights + training state, meta, metrics so far and their curve."""
-    torch.save({**state, "history": history}, os.path.join(directory, checkpoints.MODEL_FILE))
-    with open(os.path.join(directory, checkpoints.META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg: TrainingConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    task: TrainTask = config["task"](cfg, config, device)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_epoch, history = resume(task, scaler, device, config["tag"])
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.time()
+        task.train_mode()
+        sums, batches = _train_epoch(task, shard, cfg.batch_size, device, use_amp, scaler)
+        if batches == 0:
+            raise WsssError(f"rank {rank} got no training batch of {cfg.batch_size} in epoch {epoch + 1}: "
+                            f"too few training rows for {world} workers")
+        row = {"epoch": epoch + 1, **{f"loss_{k}": v for k, v in mean_over_ranks(sums, batches, device).items()},
+               "lr": task.scheduler.get_last_lr()[0], "train_batches": batches}
+        row.update(validate(task, config.get("val_files") or [], rank, world, cfg.storage))
+        row["epoch_seconds"] = round(time.time() - started, 2)
+        history.append(row)
+        if rank == 0:
+            worker_print(format_row(config["tag"], row))
+        report_epoch(row, (lambda tmp: save_checkpoint(tmp, task, scaler, epoch, history)) if rank == 0 else None)
+
+
+def _train_epoch(task: TrainTask, shard, batch_size: int, device: torch.device, use_amp: bool,
+                 scaler: torch.amp.GradScaler) -> tuple[dict[str, float], int]:
+    sums: dict[str, float] = {}
+    batches = 0
+    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, **task.batch_kwargs):
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            losses = task.losses(batch)
+        task.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["total"]).backward()
+        scaler.step(task.optimizer)
+        scaler.update()
+        task.scheduler.step()
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        batches += 1
+    return sums, batches
+
+
+def mean_over_ranks(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
+    """sum(value) / sum(count) over all DDP ranks for every key: the whole epoch's mean, whatever the rank."""
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    return {k: float(values[i] / values[-1].clamp(min=1)) for i, k in enumerate(keys)}
+
+
+def validate(task: TrainTask, val_files: list[str], rank: int, world: int,
+             options: StorageOptions | None) -> dict[str, float]:
+    """Every rank scores rows rank, rank + world, ... of the held-out files; the parts are gathered to all."""
+    if not val_files:
+        return {}
+    was_training = task.model.training
+    task.model.eval()
+    with torch.no_grad():
+        part = task.validate(_rank_rows(val_files, task.val_columns, rank, world, options))
+    task.model.train(was_training)
+    parts = [part]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, part)
+    return task.validation_metrics(parts)
+
+
+def _rank_rows(files: list[str], columns: list[str], rank: int, world: int,
+               options: StorageOptions | None) -> Iterator[dict[str, Any]]:
+    index = 0
+    for uri in files:
+        fs, path = storage.resolve(uri, options)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=columns):
+                for row in batch.to_pylist():
+                    if index % world == rank:
+                        yield row
+                    index += 1
+
+
+def resume(task: TrainTask, scaler: torch.amp.GradScaler, device: torch.device, tag: str) -> tuple[int, list[dict]]:
+    """Restore Ray Train's latest checkpoint of this run, if any; -> (first epoch to run, history so far)."""
+    resumed = ray.train.get_checkpoint()
+    if not resumed:
+        return 0, []
+    with resumed.as_directory() as ckpt_dir:
+        weights, meta = checkpoints.read_checkpoint_dir(ckpt_dir)
+        state = torch.load(os.path.join(ckpt_dir, checkpoints.TRAIN_STATE_FILE), map_location=device,
+                           weights_only=True)
+    task.model.load_state_dict(weights)
+    task.optimizer.load_state_dict(state["optimizer"])
+    task.scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    if ray.train.get_context().get_world_rank() == 0:
+        worker_print(f"[{tag}] resuming from checkpoint {resumed.path} (epoch {meta['epoch']} done)")
+    return meta["epoch"], meta["history"]
+
+
+def save_checkpoint(directory: str, task: TrainTask, scaler: torch.amp.GradScaler, epoch: int,
+                    history: list[dict]) -> None:
+    """Write one checkpoint directory: weights, training state, meta, the metrics so far and their curve."""
+    meta = {**task.checkpoint_meta(), "epoch": epoch + 1, "history": history}
+    checkpoints.write_checkpoint_dir(directory, task.model.state_dict(), meta)
+    torch.save({"optimizer": task.optimizer.state_dict(), "scheduler": task.scheduler.state_dict(),
+                "scaler": scaler.state_dict()}, os.path.join(directory, checkpoints.TRAIN_STATE_FILE))
     with open(os.path.join(directory, METRICS_FILE), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in history)
     with open(os.path.join(directory, CURVE_FILE), "wb") as f:
         f.write(learning_curves_png(history))
-
-
-def load_resumed_state(device: torch.device, tag: str) -> dict[str, Any] | None:
-    """The state saved in Ray Train's latest checkpoint of this run, or None on a fresh start."""
-    resumed = ray.train.get_checkpoint()
-    if not resumed:
-        return None
-    with resumed.as_directory() as ckpt_dir:
-        state = torch.load(os.path.join(ckpt_dir, checkpoints.MODEL_FILE), map_location=device, weights_only=False)
-    if ray.train.get_context().get_world_rank() == 0:
-        worker_print(f"[{tag}] resuming from checkpoint {resumed.path} (epoch {state['epoch'] + 1} done)")
-    return state
-
-
-def start_or_resume(device: torch.device, model: torch.nn.Module, optimizer, scheduler,
-                    tag: str) -> tuple[bool, torch.amp.GradScaler, int, list[dict]]:
-    """-> (AMP on?, its grad scaler, first epoch to run, history so far), restored from Train's checkpoint if any."""
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    state = load_resumed_state(device, tag)
-    if not state:
-        return use_amp, scaler, 0, []
-    start_epoch, history = restore(state, model, optimizer, scheduler, scaler)
-    return use_amp, scaler, start_epoch, history
-
-
-def restore(state: dict[str, Any], model: torch.nn.Module, optimizer, scheduler, scaler) -> tuple[int, list[dict]]:
-    """Load a resumed state into the training objects; -> (first epoch to run, history so far)."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    return state["epoch"] + 1, state["history"]
 
 
 def report_epoch(row: dict[str, Any], write_checkpoint: Callable[[str], None] | None) -> None:
@@ -97,11 +220,6 @@ def report_epoch(row: dict[str, Any], write_checkpoint: Callable[[str], None] | 
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(tmp)
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def dataset_shard(name: str, present: bool):
-    """This worker's shard of dataset ``name``, or None when the driver did not pass one."""
-    return ray.train.get_dataset_shard(name) if present else None
 
 
 def worker_print(line: str) -> None:
@@ -119,80 +237,114 @@ def format_row(tag: str, row: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- driver side
 
-def worker_resources(run: TrainRun) -> dict[str, float]:
-    resources = {"CPU": run.cpus_per_worker}
-    if run.use_gpu:
+def worker_resources(cfg: TrainingConfig) -> dict[str, float]:
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
         resources["GPU"] = 1
     return resources
 
 
-def check_cpu_budget(run: TrainRun) -> None:
+def check_cpu_budget(cfg: TrainingConfig) -> None:
     """Train workers that hold every CPU starve Ray Data and the job hangs: refuse up front."""
     total = ray.cluster_resources().get("CPU", 0)
-    wanted = run.num_workers * run.cpus_per_worker
+    wanted = cfg.num_workers * cfg.cpus_per_worker
     if total and wanted >= total:
         raise ValueError(
-            f"{run.num_workers} workers x {run.cpus_per_worker} CPUs = {wanted} CPUs leaves none of the cluster's "
+            f"{cfg.num_workers} workers x {cfg.cpus_per_worker} CPUs = {wanted} CPUs leaves none of the cluster's "
             f"{total:g} for Ray Data ingest; lower --cpus-per-worker (fractions are fine) or --num-workers")
 
 
-def checkpoint_uri(run: TrainRun, fs_path: str) -> str:
-    """A URI for the path Ray Train reports (bucket-relative on S3)."""
-    return "s3://" + fs_path if storage.is_s3(run.out) else fs_path
+def split_files(data: str, split: str | None, options: StorageOptions | None) -> list[str]:
+    """URIs of the sample files of ``split`` (every samples file holds one split)."""
+    if not split:
+        return []
+    return [storage.join(data, "samples", name)
+            for name, file_split in sorted(commit.file_splits(data, "samples", options).items()) if file_split == split]
 
 
-def latest_checkpoint(run: TrainRun) -> str | None:
-    try:
-        return checkpoints.find_checkpoint(storage.join(run.out, run.name), run.storage)
-    except Exception:  # noqa: BLE001 - no run yet
-        return None
-
-
-def fit(run: TrainRun, train_loop: Callable[[dict], None], loop_config: dict[str, Any],
-        datasets: dict[str, Any], tag: str) -> str:
-    """Run ``train_loop`` on Ray Train (resuming run ``run.name`` if it exists); -> the last checkpoint's path."""
-    storage_fs, storage_path = storage.resolve(run.out, run.storage)
-    previous = latest_checkpoint(run)
-    if previous:
-        print(f"[{tag}] run {run.name!r} exists: resuming from checkpoint {previous}", flush=True)
+def fit(cfg: TrainingConfig, task: type, loop_config: dict[str, Any], train_ds, tag: str,
+        callbacks: list | None = None) -> tuple[str, dict[str, Any]]:
+    """Run the loop on Ray Train (resuming run ``cfg.name`` if it exists); -> (last checkpoint path, its metrics)."""
+    storage_fs, storage_path = storage.resolve(cfg.out, cfg.storage)
+    val_files = split_files(cfg.held_out_data(), cfg.val_split, cfg.storage)
+    if cfg.val_split and not val_files:
+        print(f"[{tag}] no {cfg.val_split!r} split in {cfg.held_out_data()}: training without held-out metrics "
+              "(give --val-data URI if it lives elsewhere)", flush=True)
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                     resources_per_worker=worker_resources(run)),
-        run_config=RunConfig(name=run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets=datasets,
+        train_loop_per_worker,
+        train_loop_config={**loop_config, "cfg": cfg, "task": task, "tag": tag, "val_files": val_files},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=worker_resources(cfg)),
+        run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
+        datasets={"train": train_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {run.name!r} finished without a checkpoint")
-    return result.checkpoint.path
+        raise RuntimeError(f"training run {cfg.name!r} finished without a checkpoint")
+    return result.checkpoint.path, dict(result.metrics or {})
 
 
-def finish(run: TrainRun, checkpoint_path: str, started: float, fields: dict[str, Any]) -> dict[str, Any]:
+def finish(cfg: TrainingConfig, checkpoint_path: str, started: float, fields: dict[str, Any]) -> dict[str, Any]:
     """Copy the newest metrics and curve next to the run, write config.yaml and summary.json, commit.
 
     The summary is ``fields`` plus the checkpoint URI, the epochs done, the final losses
     (``loss_*`` metrics) and held-out metrics (``val_*``) and the seconds taken.
     """
-    ckpt = checkpoint_uri(run, checkpoint_path)
+    ckpt = checkpoint_uri_for(cfg.out, checkpoint_path)
     history = [json.loads(line) for line in
-               storage.read_bytes(storage.join(ckpt, METRICS_FILE), run.storage).decode().splitlines() if line]
+               storage.read_bytes(storage.join(ckpt, METRICS_FILE), cfg.storage).decode().splitlines() if line]
     for name in (METRICS_FILE, CURVE_FILE):
-        storage.write_bytes(storage.join(run.out, name), storage.read_bytes(storage.join(ckpt, name), run.storage),
-                            run.storage)
+        storage.write_bytes(storage.join(cfg.out, name), storage.read_bytes(storage.join(ckpt, name), cfg.storage),
+                            cfg.storage)
     final = history[-1] if history else {}
     summary = {
-        **fields, "name": run.name, "checkpoint": ckpt,
+        **fields, "name": cfg.name, "checkpoint": ckpt,
         "epochs": final.get("epoch"),
         "losses": {k[len("loss_"):]: v for k, v in final.items() if k.startswith("loss_")},
         "val": {k[len("val_"):]: v for k, v in final.items() if k.startswith("val_")},
         "seconds": round(time.time() - started, 2),
     }
-    storage.write_bytes(storage.join(run.out, "config.yaml"), config_lib.dump_yaml(run).encode(), run.storage)
-    storage.write_json(storage.join(run.out, "summary.json"), summary, run.storage)
-    storage.write_json(storage.join(run.out, commit.SUCCESS_FILE), {"checkpoint": ckpt, "tables": {}}, run.storage)
+    storage.write_bytes(storage.join(cfg.out, "config.yaml"), config_lib.dump_yaml(cfg).encode(), cfg.storage)
+    storage.write_json(storage.join(cfg.out, "summary.json"), summary, cfg.storage)
+    storage.write_json(storage.join(cfg.out, commit.SUCCESS_FILE),
+                       {"version": commit.MANIFEST_VERSION, "checkpoint": ckpt, "tables": {}}, cfg.storage)
     return summary
+
+
+def find_checkpoint(uri: str, options: StorageOptions | None = None) -> str:
+    """A checkpoint directory URI from a checkpoint URI or a training job's ``--out``.
+
+    A committed run names its checkpoint in ``summary.json``; an uncommitted one (crashed, or still
+    running) is read through Ray Train's own record of its runs (``Result.from_path``): the latest
+    checkpoint of the newest run under ``uri``.
+    """
+    if checkpoints.is_checkpoint(uri, options):
+        return uri
+    summary_uri = storage.join(uri, "summary.json")
+    if storage.exists(summary_uri, options):
+        named = storage.read_json(summary_uri, options).get("checkpoint")
+        if named and checkpoints.is_checkpoint(named, options):
+            return named
+    fs, path = storage.resolve(uri, options)
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory:
+            continue
+        try:
+            result = ray.train.Result.from_path(info.path, storage_filesystem=fs)
+        except RuntimeError:  # not a Ray Train run folder
+            continue
+        if result.checkpoint is not None:
+            found.append((info.mtime_ns or 0, result.checkpoint.path))
+    if not found:
+        raise WsssError(f"no checkpoint under {uri}: expected {checkpoints.WEIGHTS_FILE} there, or a training "
+                        "job's --out (a summary.json naming its checkpoint, or Ray Train run folders)")
+    return checkpoint_uri_for(uri, max(found)[1])
+
+
+def checkpoint_uri_for(out: str, fs_path: str) -> str:
+    """A URI for a filesystem path Ray Train reports under ``out`` (bucket-relative on S3)."""
+    return "s3://" + fs_path if storage.is_s3(out) else fs_path

@@ -1,103 +1,126 @@
-"""Stage 7: score a seeds or masks stage against the ground-truth masks (mIoU, FP, FN per class)."""
+"""Stage 7: score a seeds or masks stage against the ground-truth masks (mIoU, FP, FN per class).
+
+File-granular like every batch stage: each prediction file is paired with the samples file of the same name
+(its ground truth), so nothing is joined or shuffled. Each task returns its confusion counts, and the driver
+folds them as they stream in, holding one at a time. Predictions whose image is not in the data are errors
+rows, never dropped. Writes ``<out>/summary.json`` (default ``<pred>/eval``) as a committed output.
+"""
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from ray_wsss.core import codec, commit, storage
+from ray_wsss.core import config as config_lib
 from ray_wsss.core.config import option
+from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.metrics import DEFAULT_THRESHOLDS, ConfusionMatrix, ThresholdSweep
-from ray_wsss.core.storage import StorageOptions
+from ray_wsss.harness import batch_stage
 
-
+log = logging.getLogger(__name__)
+STAGE = "evaluate"
 KINDS = ("seeds", "masks")
 
 
 @dataclasses.dataclass
-class EvaluateConfig:
-    pred: str = option("runs/default/seeds", "seeds or masks stage URI")
-    data: str = option("runs/default/data", "sample shards with gt_mask")
-    kind: str = option("seeds", "what --pred holds", choices=KINDS)
+class EvaluateConfig(batch_stage.DataStageConfig):
     out: str | None = option(None, "where summary.json goes (default: <pred>/eval)")
-    split: str | None = option(None, "comma-separated splits to score (default: all)")
+    batch_size: int = option(32, "predictions an actor scores per batch")
+    pred: str = option("runs/default/seeds", "seeds or masks stage URI")
+    kind: str = option("seeds", "what --pred holds", choices=KINDS)
     threshold: float | None = option(None, "seeds: score at this background threshold instead of sweeping")
-    storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
+
+    def out_uri(self) -> str:
+        return self.out or storage.join(self.pred, "eval")
 
 
-class _BatchScorer:
-    """Ray Data UDF: joined (prediction, gt_mask) rows -> one row of int64 counts per batch."""
+class Scorer:
+    """The evaluation worker: prediction rows (+ their ground truth) -> confusion counts per file."""
 
-    def __init__(self, kind: str, num_classes: int, thresholds: tuple[float, ...]):
-        self.kind, self.num_classes, self.thresholds = kind, num_classes, thresholds
+    def __init__(self, cfg: EvaluateConfig, num_classes: int, thresholds: tuple[float, ...]):
+        self.kind, self.num_classes, self.thresholds = cfg.kind, num_classes, thresholds
+        prediction = ["image_id", "classes", "scores"] if cfg.kind == "seeds" else ["image_id", "mask"]
+        self.columns = {"primary": prediction, "samples": ["image_id", "gt_mask"]}
+        self._reset()
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from ray_wsss.core import codec
+    def _reset(self) -> None:
+        self.acc = (ThresholdSweep(self.num_classes, self.thresholds) if self.kind == "seeds"
+                    else ConfusionMatrix(self.num_classes))
+        self.images = 0
+        self.without_gt = 0
 
-        acc = (ThresholdSweep(self.num_classes, self.thresholds) if self.kind == "seeds"
-               else ConfusionMatrix(self.num_classes))
-        mismatched: list[str] = []
-        for i, image_id in enumerate(batch["image_id"]):
-            gt = codec.decode_mask(batch["gt_mask"][i])
-            if self.kind == "seeds":
-                scores = codec.decode_scores(batch["scores"][i])
-                if scores.shape[1:] != gt.shape:
-                    mismatched.append(str(image_id))
-                    continue
-                acc.add(scores, [int(c) for c in batch["classes"][i]], gt)
-            else:
-                pred = codec.decode_mask(batch["mask"][i])
-                if pred.shape != gt.shape:
-                    mismatched.append(str(image_id))
-                    continue
-                acc.add(pred, gt)
-        return {"counts": [acc.counts.tobytes()], "images": [len(batch["image_id"]) - len(mismatched)],
-                "mismatched": ["\n".join(mismatched)]}
+    def process(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        failures = []
+        for record in records:
+            try:
+                self._add(record)
+            except RecordError as err:
+                failures.append((err.image_id, err.message))
+        return [], failures
+
+    def _add(self, record: dict[str, Any]) -> None:
+        image_id, sample = record["image_id"], record["samples"]
+        if sample is None:
+            raise RecordError(image_id, "a prediction for an image that is not in the data")
+        if sample["gt_mask"] is None:
+            self.without_gt += 1
+            return
+        gt = codec.decode_mask(sample["gt_mask"])
+        if self.kind == "seeds":
+            scores = codec.decode_scores(record["scores"])
+            if scores.shape[1:] != gt.shape:
+                raise RecordError(image_id, f"seed maps of size {scores.shape[1:]} for a {gt.shape} ground truth")
+            self.acc.add(scores, [int(c) for c in record["classes"]], gt)
+        else:
+            pred = codec.decode_mask(record["mask"])
+            if pred.shape != gt.shape:
+                raise RecordError(image_id, f"a mask of size {pred.shape} for a {gt.shape} ground truth")
+            self.acc.add(pred, gt)
+        self.images += 1
+
+    def task_result(self) -> dict[str, Any]:
+        result = {"counts": self.acc.counts.tobytes(), "images": self.images, "without_gt": self.without_gt}
+        self._reset()
+        return result
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score a seeds or masks stage against the ground-truth masks; writes summary.json."""
-    cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
-    import ray
+    cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved(), out=cfg.out_uri())
+    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg))
 
-    from ray_wsss.harness import batch_stage
-    from ray_wsss.core import storage
 
-    if cfg.kind not in KINDS:
-        raise ValueError(f"--kind must be one of {KINDS}, got {cfg.kind!r}")
-    timer = batch_stage.Timer()
+def _stage(cfg: EvaluateConfig) -> batch_stage.BatchStage:
     class_names = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)["class_names"]
-    num_classes = len(class_names)
-    pred_columns = ["image_id", "classes", "scores"] if cfg.kind == "seeds" else ["image_id", "mask"]
-    pred = batch_stage.read_committed(cfg.pred, cfg.kind, cfg.storage, pred_columns)
-    gt = batch_stage.read_committed(cfg.data, "samples", cfg.storage, ["image_id", "gt_mask"], cfg.split)
-    gt = gt.filter(lambda row: row["gt_mask"] is not None)
-    partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
-    joined = pred.join(gt, join_type="inner", num_partitions=partitions, on=("image_id",))
     thresholds = (float(cfg.threshold),) if cfg.threshold is not None else DEFAULT_THRESHOLDS
-    parts = joined.map_batches(_BatchScorer, fn_constructor_args=(cfg.kind, num_classes, thresholds),
-                               batch_size=32, batch_format="numpy",
-                               compute=ray.data.ActorPoolStrategy(min_size=1, max_size=partitions)).take_all()
+    pred_files = commit.file_splits(cfg.pred, cfg.kind, cfg.storage)
+    splits = cfg.splits()
+    names = sorted(n for n, s in pred_files.items() if splits is None or s in splits)
+    samples = set(commit.table_file_names(cfg.data, "samples", cfg.storage))
+    tasks = [batch_stage.FileTask(name=n, primary=storage.join(cfg.pred, cfg.kind, n),
+                                  paired=(("samples", storage.join(cfg.data, "samples", n)),) if n in samples else ())
+             for n in names]
 
-    template = (ThresholdSweep(num_classes, thresholds) if cfg.kind == "seeds" else ConfusionMatrix(num_classes))
-    for part in parts:
-        template.counts += np.frombuffer(part["counts"], np.int64).reshape(template.counts.shape)
-    images = int(sum(p["images"] for p in parts))
-    mismatched = [i for p in parts for i in p["mismatched"].split("\n") if i]
-    if images == 0:
-        raise ValueError(f"no image of {cfg.pred} has a ground-truth mask in {cfg.data}"
-                         + (f" (split {cfg.split})" if cfg.split else ""))
-    if cfg.kind == "seeds":
-        result = template.best(class_names)
-    else:
-        result = {**template.scores(class_names), "threshold": None}
-    summary = {"kind": cfg.kind, "pred": cfg.pred, "images": images, "size_mismatches": mismatched,
-               "miou": result["miou"], "threshold": result.get("threshold"), "fp": result["fp"],
-               "fn": result["fn"], "per_class": result["per_class"], "seconds": timer.seconds()}
-    if "curve" in result:
-        summary["curve"] = result["curve"]
-    out = cfg.out or storage.join(cfg.pred, "eval")
-    storage.write_json(storage.join(out, "summary.json"), summary, cfg.storage)
-    return summary
+    def reduce(results: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        total = ThresholdSweep(len(class_names), thresholds) if cfg.kind == "seeds" else ConfusionMatrix(len(class_names))
+        images = without_gt = 0
+        for result in results:
+            total.counts += np.frombuffer(result["counts"], np.int64).reshape(total.counts.shape)
+            images += int(result["images"])
+            without_gt += int(result["without_gt"])
+        if images == 0:
+            raise WsssError(f"no prediction of {cfg.pred} has a ground-truth mask in {cfg.data}"
+                            + (f" (split {cfg.split})" if cfg.split else ""))
+        scores = total.best(class_names) if cfg.kind == "seeds" else {**total.scores(class_names), "threshold": None}
+        return {"images": images, "without_ground_truth": without_gt,
+                **{k: scores.get(k) for k in ("miou", "threshold", "fp", "fn", "per_class", "curve") if k in scores}}
 
-
+    metadata = {"table": None, "kind": cfg.kind, "pred": cfg.pred, "data": cfg.data, "job": "evaluate",
+                "class_names": class_names, "config": config_lib.to_dict(cfg)}
+    return batch_stage.BatchStage(
+        name=STAGE, table=None, worker=Scorer, worker_args=(len(class_names), thresholds), tasks=tasks,
+        metadata=metadata, summary={"kind": cfg.kind, "pred": cfg.pred, "split": cfg.split}, reduce=reduce)

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from functools import partial
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
-import ray.data
 
 from ray_wsss.core import codec, storage
 from ray_wsss.core import commit
 from ray_wsss.harness import batch_stage
 from ray_wsss.core import config as config_lib
 from ray_wsss.harness.cluster import CPU_POOL_RESOURCE, pool_resources
-from ray_wsss.core.errors import RecordError
+from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.refine.crf import CRFConfig, LabellingConfig, make_mask
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.core.config import option
@@ -39,12 +38,14 @@ NODES_DIR = "worker_nodes"  # under <out>/_staging/: one empty marker per node w
 
 
 @dataclasses.dataclass
-class MakeMasksConfig:
-    seeds: str = option("runs/default/seeds", "seeds stage URI")
-    data: str = option("runs/default/data", "sample shards URI (images)")
+class MakeMasksConfig(batch_stage.DataStageConfig):
     out: str = option("runs/default/masks", "output URI")
-    split: str | None = option(None, "comma-separated splits (default: the splits the seeds were extracted for)")
-    threshold: float | None = option(None, "background threshold (default: the best one from evaluating the seeds)")
+    batch_size: int = option(4, "images per batch")
+    seeds: str = option("runs/default/seeds", "seeds stage URI")
+    split: str | None = option(None, "comma-separated splits (default: every split the seeds table has)")
+    threshold: float | None = option(None, "background threshold (or --threshold-from)")
+    threshold_from: str | None = option(None, "an evaluation summary.json whose best threshold to use, e.g. "
+                                              "<seeds>/eval/summary.json (what the pipeline passes)")
     background: str = option("threshold", "background score: constant threshold, or PSA (1-max)^alpha", choices=("threshold", "power"))
     power_alpha: float = option(8.0, "alpha of the PSA background")
     crf: bool = option(True, "dense CRF refinement (--no-crf: argmax of the seeds)")
@@ -58,11 +59,6 @@ class MakeMasksConfig:
     ignore_low: float | None = option(None, "pixels with confidence in [low, high) become 255 (off by default)")
     ignore_high: float | None = option(None, "upper end of the ignore band")
     num_cpus_per_task: float = option(1.0, "CPUs per CRF actor")
-    num_actors: int | None = option(None, "CRF actors (default: every CPU the pool has)")
-    batch_size: int = option(4, "images per batch")
-    max_errors: int | None = option(None, "fail when more images than this fail")
-    overwrite: bool = option(False, "redo a committed stage")
-    storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def labelling(self, threshold: float) -> LabellingConfig:
         crf = CRFConfig(gaussian_sxy=self.crf_gaussian_sxy, gaussian_compat=self.crf_gaussian_compat,
@@ -74,19 +70,20 @@ class MakeMasksConfig:
 
 
 def mask_row(record: dict[str, Any], labelling: LabellingConfig) -> dict[str, Any]:
-    """One joined (sample, seeds) record -> one masks row; RecordError names what is wrong."""
+    """One sample with its seeds row (``record["seeds"]``) -> one masks row; RecordError names what is wrong."""
     image_id = record["image_id"]
-    if record.get("scores") is None:
+    seeds = record.get("seeds")
+    if seeds is None:
         raise RecordError(image_id, "no seeds for this image in the seeds table")
     try:
         rgb = codec.decode_image(record["image"])
     except Exception as err:  # noqa: BLE001
         raise RecordError(image_id, f"cannot decode image: {err}") from err
     try:
-        scores = codec.decode_scores(record["scores"])
+        scores = codec.decode_scores(seeds["scores"])
     except Exception as err:  # noqa: BLE001
         raise RecordError(image_id, f"bad seed scores: {err}") from err
-    classes = [int(c) for c in record["classes"]]
+    classes = [int(c) for c in seeds["classes"]]
     if scores.shape != (len(classes), *rgb.shape[:2]):
         raise RecordError(image_id, f"seed scores of shape {scores.shape} do not fit {len(classes)} classes "
                                     f"of a {rgb.shape[0]}x{rgb.shape[1]} image")
@@ -95,19 +92,26 @@ def mask_row(record: dict[str, Any], labelling: LabellingConfig) -> dict[str, An
 
 
 class MaskMaker:
-    """Ray Data UDF on the CPU pool: joined rows -> masks rows; failures go to the errors table."""
+    """The masks worker on the CPU pool: (sample, seeds) records -> masks rows."""
+
+    columns = {"primary": ["image_id", "image"], "seeds": ["image_id", "classes", "scores"]}
+    unclaimed_are_errors = ("seeds",)  # a seeds row of an image the data lacks is reported, never dropped
 
     def __init__(self, cfg: MakeMasksConfig, threshold: float):
         self.labelling = cfg.labelling(threshold)
-        self.sink = batch_stage.ErrorSink(cfg.out, STAGE, cfg.storage)
         self.out, self.options, self.node_recorded = cfg.out, cfg.storage, False
 
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+    def process(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         if not self.node_recorded:
             record_node(self.out, self.options)
             self.node_recorded = True
-        return batch_stage.map_records(batch_stage.batch_records(batch), "masks", lambda r: mask_row(r, self.labelling),
-                                 lambda r: str(r["image_id"]), self.sink)
+        rows, failures = [], []
+        for record in records:
+            try:
+                rows.append(mask_row(record, self.labelling))
+            except RecordError as err:
+                failures.append((err.image_id, err.message))
+        return rows, failures
 
 
 def record_node(out: str, options: StorageOptions | None) -> None:
@@ -122,56 +126,35 @@ def worker_nodes(out: str, options: StorageOptions | None) -> list[str]:
 
 
 def resolve_threshold(cfg: MakeMasksConfig) -> tuple[float, str]:
-    """(threshold, where it came from): the flag, else the seeds' evaluation, else 0.5."""
+    """(threshold, where it came from): --threshold, or the best one of the evaluation --threshold-from."""
+    if (cfg.threshold is None) == (cfg.threshold_from is None):
+        raise WsssError("give exactly one of --threshold T or --threshold-from SUMMARY (an evaluation summary.json "
+                        f"such as {storage.join(cfg.seeds, 'eval', 'summary.json')})")
     if cfg.threshold is not None:
         return cfg.threshold, "flag"
-    evaluation = storage.join(cfg.seeds, "eval", "summary.json")
-    if storage.exists(evaluation, cfg.storage):
-        found = storage.read_json(evaluation, cfg.storage).get("threshold")
-        if found is not None:
-            return float(found), evaluation
-    log.warning("no --threshold and no seed evaluation at %s: using %.2f", evaluation, DEFAULT_THRESHOLD)
-    return DEFAULT_THRESHOLD, "default"
+    found = storage.read_json(cfg.threshold_from, cfg.storage).get("threshold")
+    if found is None:
+        raise WsssError(f"{cfg.threshold_from} holds no 'threshold': it is not a seeds evaluation summary")
+    return float(found), cfg.threshold_from
 
 
-def crf_pool(cfg: MakeMasksConfig) -> tuple[ray.data.ActorPoolStrategy, dict[str, Any]]:
+def crf_pool_args(cfg: MakeMasksConfig) -> dict[str, Any]:
     """Actors on the CPU pool: the crf_pool resource when the cluster has one, else plain CPUs."""
-    resources = pool_resources(CPU_POOL_RESOURCE, cfg.num_cpus_per_task)
-    available = ray.cluster_resources().get(CPU_POOL_RESOURCE if resources else "CPU", 1)
-    size = cfg.num_actors or max(1, int(available // cfg.num_cpus_per_task))
-    return (ray.data.ActorPoolStrategy(min_size=1, max_size=size),
-            {"num_cpus": cfg.num_cpus_per_task, "resources": resources})
-
-
-def joined_records(cfg: MakeMasksConfig, split: str | None):
-    """Every sample of the split, with its seeds when there are any (left outer join)."""
-    samples = batch_stage.read_committed(cfg.data, "samples", cfg.storage, ["image_id", "image"], split)
-    seeds = batch_stage.read_committed(cfg.seeds, "seeds", cfg.storage, ["image_id", "classes", "scores"])
-    partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
-    return samples.join(seeds, join_type="left_outer", num_partitions=partitions, on=("image_id",))
+    return {"num_cpus": cfg.num_cpus_per_task, "resources": pool_resources(CPU_POOL_RESOURCE, cfg.num_cpus_per_task)}
 
 
 def run(cfg: MakeMasksConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
-    timer = batch_stage.Timer()
-    skipped = batch_stage.begin(cfg.out, STAGE, cfg.overwrite, cfg.storage)
-    if skipped:
-        return skipped
+    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg))
+
+
+def _stage(cfg: MakeMasksConfig) -> batch_stage.BatchStage:
     seeds_meta = storage.read_json(storage.join(cfg.seeds, "dataset.json"), cfg.storage)
-    split = cfg.split or seeds_meta.get("config", {}).get("split")
     threshold, threshold_source = resolve_threshold(cfg)
-    log.info("pseudo masks: threshold %.2f (%s), CRF %s", threshold, threshold_source, "on" if cfg.crf else "off")
-
-    done = batch_stage.done_ids(cfg.out, "masks", cfg.storage)
-    if done:
-        log.info("resuming: %d images already staged by an earlier run", len(done))
-    compute, remote_args = crf_pool(cfg)
-    masks = batch_stage.skip_done(joined_records(cfg, split), done).map_batches(
-        MaskMaker, fn_constructor_args=(cfg, threshold), batch_size=cfg.batch_size, compute=compute,
-        batch_format="numpy", **remote_args)
-    batch_stage.write_rows(masks, cfg.out, "masks", cfg.storage)
-    nodes = worker_nodes(cfg.out, cfg.storage)
-
+    seeds_splits = sorted(set(commit.file_splits(cfg.seeds, "seeds", cfg.storage).values()))
+    files = batch_stage.samples_files(cfg.data, cfg.storage, cfg.splits() or seeds_splits)
+    log.info("pseudo masks for %s: threshold %.2f (%s), CRF %s", sorted(set(files.values())), threshold,
+             threshold_source, "on" if cfg.crf else "off")
     metadata = {
         "table": "masks",
         "class_names": seeds_meta["class_names"],
@@ -180,36 +163,31 @@ def run(cfg: MakeMasksConfig) -> dict[str, Any]:
         "threshold": threshold,
         "threshold_source": threshold_source,
         "crf": cfg.crf,
-        "worker_nodes": nodes,
         "job": "make_masks",
         "config": config_lib.to_dict(cfg),
     }
-    summary = {"stage": STAGE, "out": cfg.out, "threshold": threshold, "crf": cfg.crf, "worker_nodes": nodes,
-               "seconds": timer.seconds()}
-    summary = batch_stage.commit_tables(cfg.out, "masks", metadata, summary, cfg.max_errors, cfg.storage)
-    write_contact_sheet(cfg, threshold)
-    return summary
+
+    titles = ["image", f"seeds @{threshold:.2f}", "pseudo mask" + (" (CRF)" if cfg.crf else ""), "ground truth"]
+
+    return batch_stage.BatchStage(
+        name=STAGE, table="masks", worker=MaskMaker, worker_args=(threshold,),
+        tasks=batch_stage.follow_samples(cfg.data, sorted(files), cfg.storage, {"seeds": (cfg.seeds, "seeds")}),
+        metadata=metadata, summary={"stage": STAGE, "out": cfg.out, "threshold": threshold, "crf": cfg.crf},
+        remote_args=crf_pool_args(cfg), file_splits=files,
+        after_tasks=lambda: {"worker_nodes": worker_nodes(cfg.out, cfg.storage)},
+        contact_sheet=lambda: batch_stage.contact_sheet(cfg.out, "masks", cfg.data, partial(_contact_panels, cfg, threshold),
+                                                        titles, cfg.storage))
 
 
-def write_contact_sheet(cfg: MakeMasksConfig, threshold: float, count: int = 6) -> None:
+def _contact_panels(cfg: MakeMasksConfig, threshold: float, row: dict[str, Any], sample: dict[str, Any]) -> list:
     """image | seed labelling (no CRF) | pseudo mask | ground truth."""
     from ray_wsss.core import viz
     from ray_wsss.core.metrics import scores_to_labels
 
-    masks = commit.read_first_rows(cfg.out, "masks", count, cfg.storage)
-    if not masks:
-        return
-    ids = [m["image_id"] for m in masks]
-    samples = commit.read_rows_by_id(cfg.data, "samples", ids, cfg.storage, ["image_id", "image", "gt_mask"])
-    seeds = commit.read_rows_by_id(cfg.seeds, "seeds", ids, cfg.storage)
-    panels = []
-    for row in masks:
-        sample, seed = samples[row["image_id"]], seeds.get(row["image_id"])
-        rgb = codec.decode_image(sample["image"])
-        seed_labels = (scores_to_labels(codec.decode_scores(seed["scores"]), seed["classes"], threshold)
-                       if seed else np.zeros(rgb.shape[:2], np.uint8))
-        gt = codec.decode_mask(sample["gt_mask"]) if sample["gt_mask"] else None
-        panels.append([rgb, viz.colorize(seed_labels), viz.colorize(codec.decode_mask(row["mask"])),
-                       viz.colorize(gt) if gt is not None else None])
-    titles = ["image", f"seeds @{threshold:.2f}", "pseudo mask" + (" (CRF)" if cfg.crf else ""), "ground truth"]
-    storage.write_bytes(storage.join(cfg.out, "contact_sheet.png"), viz.contact_sheet(panels, titles), cfg.storage)
+    rgb = codec.decode_image(sample["image"])
+    seed = commit.read_rows_by_id(cfg.seeds, "seeds", [row["image_id"]], cfg.storage).get(row["image_id"])
+    seed_labels = (scores_to_labels(codec.decode_scores(seed["scores"]), seed["classes"], threshold)
+                   if seed else np.zeros(rgb.shape[:2], np.uint8))
+    gt = codec.decode_mask(sample["gt_mask"]) if sample["gt_mask"] else None
+    return [rgb, viz.colorize(seed_labels), viz.colorize(codec.decode_mask(row["mask"])),
+            viz.colorize(gt) if gt is not None else None]

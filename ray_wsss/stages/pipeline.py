@@ -84,11 +84,11 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
         return prepare_data.run(_stage_config(prepare_data.PrepareConfig, wired, cfg.prepare, opts))
 
     def evaluation(pred: str, out: str, kind: str, split: str | None) -> Callable[[], dict[str, Any]]:
-        def run_eval():
-            if storage.exists(storage.join(out, "summary.json"), opts):
-                return {**storage.read_json(storage.join(out, "summary.json"), opts), "skipped": True}
-            return evaluate.run(evaluate.EvaluateConfig(pred=pred, data=data, kind=kind, out=out, split=split, storage=opts))
-        return run_eval
+        return lambda: evaluate.run(evaluate.EvaluateConfig(pred=pred, data=data, kind=kind, out=out, split=split,
+                                                            storage=opts))
+
+    # The masks' background threshold is the seeds evaluation's best one, unless the YAML sets one.
+    threshold = {} if "threshold" in cfg.masks else {"threshold_from": storage.join(seeds_eval, "summary.json")}
 
     return [
         ("prepare", data, prepare_stage),
@@ -103,7 +103,7 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
         ("eval_seeds", seeds_eval, evaluation(cfg.uri("seeds"), seeds_eval, "seeds", cfg.train_split())),
         ("masks", cfg.uri("masks"), lambda: make_masks.run(_stage_config(
             make_masks.MakeMasksConfig, {"seeds": cfg.uri("seeds"), "data": data, "out": cfg.uri("masks"),
-                                    "split": cfg.train_split()}, cfg.masks, opts))),
+                                         "split": cfg.train_split(), **threshold}, cfg.masks, opts))),
         ("eval_masks", masks_eval, evaluation(cfg.uri("masks"), masks_eval, "masks", cfg.train_split())),
         ("deeplab", cfg.uri("deeplab"), lambda: _skip_or(cfg.uri("deeplab"), opts, lambda: train_deeplab.run(_stage_config(
             train_deeplab.TrainDeepLabConfig,

@@ -5,15 +5,10 @@ import dataclasses
 import logging
 from typing import Any
 
-import ray
-import ray.data
-
 from ray_wsss.core import config as config_lib
 from ray_wsss.harness import batch_stage
 from ray_wsss.core import storage
-from ray_wsss.core import commit
-from ray_wsss.core.errors import WsssError
-from ray_wsss.core.storage import StorageOptions
+from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.config import option
 
 log = logging.getLogger(__name__)
@@ -22,44 +17,48 @@ FORMATS = ("synthetic", "voc", "coco")
 
 
 @dataclasses.dataclass
-class PrepareConfig:
+class PrepareConfig(batch_stage.StageConfig):
     out: str = option("runs/default/data", "output URI (local path or s3://)")
+    batch_size: int = option(16, "records an actor reads per batch")
     format: str = option("synthetic", "source layout", choices=FORMATS)
     src: str | None = option(None, "source root URI (VOCdevkit/VOC2012, COCO image folder); unused for synthetic")
     split: str = option("train,val", "comma-separated split names, e.g. train_aug,val")
     annotations: str | None = option(None, "COCO instances JSON URI")
-    max_errors: int | None = option(None, "fail when more records than this fail (default: never)")
+    rows_per_file: int = option(256, "sample rows per shard file: the grain of parallelism and of resume for "
+                                     "every later stage")
     seed: int = option(0, "synthetic: generator seed")
     num_train: int | None = option(None, "synthetic: train images (default: the generator's)")
     num_val: int | None = option(None, "synthetic: val images (default: the generator's)")
     min_size: int | None = option(None, "synthetic: smallest image side (default: the generator's)")
     max_size: int | None = option(None, "synthetic: largest image side (default: the generator's)")
-    batch_size: int = option(16, "records per Ray Data batch")
-    overwrite: bool = option(False, "redo a stage that is already committed")
-    storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def splits(self) -> list[str]:
         return [s.strip() for s in self.split.split(",") if s.strip()]
 
 
 class SampleReader:
-    """Ray Data UDF: one record reference per row -> one samples row; failures go to the errors table.
+    """The prepare worker: listing records -> samples rows. Heavy state (the COCO index) is built once per actor."""
 
-    A class, so heavy state (the COCO annotation index) is built once per actor.
-    """
+    columns: dict[str, list[str]] = {}
 
     def __init__(self, cfg: PrepareConfig):
         self.cfg = cfg
-        self.sink = batch_stage.ErrorSink(cfg.out, STAGE, cfg.storage)
         self.coco = None
         if cfg.format == "coco":
             from ray_wsss.core.data.coco import CocoSource
 
             self.coco = CocoSource(cfg.annotations, cfg.storage)
 
-    def __call__(self, batch: dict[str, Any]):
-        return batch_stage.map_records(batch_stage.batch_records(batch), "samples", self._read,
-                                 lambda r: str(r["image_id"]), self.sink)
+    def process(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        rows, failures = [], []
+        for record in records:
+            try:
+                rows.append(self._read(record))
+            except RecordError as err:
+                failures.append((err.image_id, err.message))
+            except Exception as err:  # noqa: BLE001 - one bad record must not fail the file
+                failures.append((str(record["image_id"]), f"{type(err).__name__}: {err}"))
+        return rows, failures
 
     def _read(self, record: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
@@ -140,37 +139,39 @@ def list_records(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[tuple[s
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Prepare sample shards under ``cfg.out``. Returns the job summary."""
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
-    timer = batch_stage.Timer()
-    skipped = batch_stage.begin(cfg.out, STAGE, cfg.overwrite, cfg.storage)
-    if skipped:
-        return skipped
+    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg))
+
+
+def _stage(cfg: PrepareConfig) -> batch_stage.BatchStage:
     records, listing_errors, class_names = list_records(cfg)
     for split in cfg.splits():
         if not any(r["split"] == split for r in records):
             raise WsssError(f"split {split!r} of {cfg.src or cfg.format} lists no images")
-    done = batch_stage.done_ids(cfg.out, "samples", cfg.storage)
-    todo = [r for r in records if r["image_id"] not in done]
-    log.info("preparing %d records from %s (%s) into %s; %d already staged by an earlier run",
-             len(todo), cfg.src or "generator", cfg.format, cfg.out, len(records) - len(todo))
-    batch_stage.ErrorSink(cfg.out, STAGE, cfg.storage).write([e for e in listing_errors if e[0] not in done])
-
-    if todo:
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 200)))
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        rows = ds.map_batches(SampleReader, fn_constructor_args=(cfg,), batch_size=cfg.batch_size,
-                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus), batch_format="numpy")
-        batch_stage.write_rows(rows, cfg.out, "samples", cfg.storage)
-
-    splits = commit.staged_column(cfg.out, "samples", "split", cfg.storage)
-    by_split = {s: splits.count(s) for s in sorted(set(splits))}
+    tasks = shard_tasks(records, cfg.rows_per_file)
+    by_split = {split: sum(r["split"] == split for r in records) for split in cfg.splits()}
+    log.info("preparing %d records of %s from %s (%s) into %d files under %s", len(records), by_split,
+             cfg.src or "the generator", cfg.format, len(tasks), cfg.out)
     metadata = {
         "table": "samples",
         "class_names": class_names,
         "num_classes": len(class_names),
         "source": {"format": cfg.format, "src": cfg.src, "annotations": cfg.annotations},
-        "counts": {"samples": len(splits), "by_split": by_split},
+        "counts": {"listed": len(records), "by_split": by_split},
         "job": "prepare_data",
         "config": config_lib.to_dict(cfg),
     }
-    summary = {"stage": STAGE, "out": cfg.out, "by_split": by_split, "seconds": timer.seconds()}
-    return batch_stage.commit_tables(cfg.out, "samples", metadata, summary, cfg.max_errors, cfg.storage)
+    return batch_stage.BatchStage(
+        name=STAGE, table="samples", worker=SampleReader, worker_args=(), tasks=tasks, metadata=metadata,
+        summary={"stage": STAGE, "out": cfg.out, "by_split": by_split},
+        file_splits={t.name: t.records[0]["split"] for t in tasks}, listing_errors=listing_errors)
+
+
+def shard_tasks(records: list[dict[str, Any]], rows_per_file: int) -> list[batch_stage.FileTask]:
+    """The listing cut into files of one split and at most ``rows_per_file`` records each, in listing order."""
+    tasks = []
+    for split in dict.fromkeys(r["split"] for r in records):
+        rows = [r for r in records if r["split"] == split]
+        for index, start in enumerate(range(0, len(rows), rows_per_file)):
+            tasks.append(batch_stage.FileTask(name=f"{split}-{index:05d}.parquet",
+                                              records=tuple(rows[start:start + rows_per_file])))
+    return tasks

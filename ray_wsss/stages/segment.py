@@ -12,20 +12,16 @@ import logging
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from ray_wsss.core import codec, storage
-from ray_wsss.core import commit
-from ray_wsss.harness import batch_stage
+from ray_wsss.harness import batch_stage, training
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.refine.crf import CRFConfig, dense_crf
 from ray_wsss.core.inference import normalize_image, predict_probs
-from ray_wsss.core.storage import StorageOptions
 from ray_wsss.core import checkpoints
-from ray_wsss.stages.train_deeplab import load_segmenter
-from ray_wsss.harness.cluster import model_actor_pool
+from ray_wsss.harness.cluster import model_actor_args
 from ray_wsss.core.config import option
 
 log = logging.getLogger(__name__)
@@ -34,11 +30,10 @@ STAGE = "segment"
 
 
 @dataclasses.dataclass
-class SegmentConfig:
-    checkpoint: str = option("runs/default/deeplab", "a DeepLab checkpoint dir, or train_deeplab's --out (its latest)")
-    data: str = option("runs/default/data", "sample shards URI")
+class SegmentConfig(batch_stage.DataStageConfig):
     out: str = option("runs/default/segment", "output URI")
-    split: str = option("val", "comma-separated splits to segment")
+    split: str | None = option("val", "comma-separated splits to segment")
+    checkpoint: str = option("runs/default/deeplab", "a DeepLab checkpoint dir, or train_deeplab's --out (its latest)")
     scales: tuple[float, ...] = option((1.0,), "test-time scales (the paper: 0.5 0.75 1.0 1.25 1.5)")
     flip: bool = option(True, "add horizontally flipped inputs")
     crf: bool = option(False, "dense CRF on the fused probabilities")
@@ -49,12 +44,6 @@ class SegmentConfig:
     crf_bilateral_sxy: float = option(67.0, "bilateral kernel spatial std")
     crf_bilateral_srgb: float = option(3.0, "bilateral kernel colour std")
     crf_bilateral_compat: float = option(4.0, "bilateral kernel compatibility")
-    batch_size: int = option(8, "images per actor batch")
-    use_gpu: bool = option(False, "one GPU per actor")
-    num_actors: int | None = option(None, "actor pool size (default: the cluster's GPUs, or CPUs minus one)")
-    max_errors: int | None = option(None, "fail when more images than this fail")
-    overwrite: bool = option(False, "redo a committed stage")
-    storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def crf_config(self) -> CRFConfig | None:
         if not self.crf:
@@ -89,53 +78,42 @@ def mask_row(image_id: str, image_bytes: bytes, model: torch.nn.Module, cfg: Seg
 
 
 class Segmenter:
-    """Ray Data UDF: samples rows -> masks rows. The model is loaded once per actor."""
+    """The segment worker: samples rows -> masks rows. The model is loaded once per actor."""
+
+    columns = {"primary": ["image_id", "image"]}
 
     def __init__(self, cfg: SegmentConfig, checkpoint_uri: str):
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        self.model, _ = load_segmenter(checkpoint_uri, cfg.storage, self.device)
-        self.sink = batch_stage.ErrorSink(cfg.out, STAGE, cfg.storage)
+        self.model, _ = checkpoints.load_segmenter(checkpoint_uri, cfg.storage, self.device)
 
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        return batch_stage.map_records(batch_stage.batch_records(batch), "masks",
-                                 lambda r: mask_row(str(r["image_id"]), r["image"], self.model, self.cfg),
-                                 lambda r: str(r["image_id"]), self.sink)
-
+    def process(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        rows, failures = [], []
+        for record in records:
+            try:
+                rows.append(mask_row(str(record["image_id"]), record["image"], self.model, self.cfg))
+            except RecordError as err:
+                failures.append((err.image_id, err.message))
+        return rows, failures
 
 
 def run(cfg: SegmentConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
-    timer = batch_stage.Timer()
-    skipped = batch_stage.begin(cfg.out, STAGE, cfg.overwrite, cfg.storage)
-    if skipped:
-        return skipped
+    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg))
+
+
+def _stage(cfg: SegmentConfig) -> batch_stage.BatchStage:
     if not cfg.scales or any(s <= 0 for s in cfg.scales):
         raise ValueError(f"--scales must be positive numbers, got {cfg.scales}")
-    checkpoint_uri = checkpoints.find_checkpoint(cfg.checkpoint, cfg.storage)
+    checkpoint_uri = training.find_checkpoint(cfg.checkpoint, cfg.storage)
     meta = storage.read_json(storage.join(checkpoint_uri, checkpoints.META_FILE), cfg.storage)
     data_meta = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)
     if meta.get("class_names") != data_meta["class_names"]:
         raise WsssError(f"checkpoint {checkpoint_uri} was trained on classes {meta.get('class_names')}, "
                         f"but {cfg.data} has {data_meta['class_names']}")
-    by_split = data_meta["counts"]["by_split"]
-    splits = [s.strip() for s in cfg.split.split(",") if s.strip()]
-    missing = [s for s in splits if not by_split.get(s)]
-    if not splits or missing:
-        raise WsssError(f"{cfg.data} has no images in split(s) {missing or cfg.split!r}; it has {by_split}")
-    log.info("segmenting %s of %s with checkpoint %s (epoch %s), scales %s, flip %s, CRF %s", splits, cfg.data,
-             checkpoint_uri, meta.get("epoch"), cfg.scales, cfg.flip, cfg.crf)
-
-    samples = batch_stage.read_committed(cfg.data, "samples", cfg.storage, ["image_id", "image"], cfg.split)
-    done = batch_stage.done_ids(cfg.out, "masks", cfg.storage)
-    if done:
-        log.info("resuming: %d images already staged by an earlier run", len(done))
-    compute, remote_args = model_actor_pool(cfg.use_gpu, cfg.num_actors)
-    masks = batch_stage.skip_done(samples, done).map_batches(
-        Segmenter, fn_constructor_args=(cfg, checkpoint_uri), batch_size=cfg.batch_size,
-        compute=compute, batch_format="numpy", **remote_args)
-    batch_stage.write_rows(masks, cfg.out, "masks", cfg.storage)
-
+    files = batch_stage.samples_files(cfg.data, cfg.storage, cfg.splits())
+    log.info("segmenting %s of %s with checkpoint %s (epoch %s), scales %s, flip %s, CRF %s",
+             sorted(set(files.values())), cfg.data, checkpoint_uri, meta.get("epoch"), cfg.scales, cfg.flip, cfg.crf)
     metadata = {
         "table": "masks",
         "class_names": data_meta["class_names"],
@@ -148,28 +126,21 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
         "job": "segment",
         "config": config_lib.to_dict(cfg),
     }
-    summary = {"stage": STAGE, "out": cfg.out, "checkpoint": checkpoint_uri, "split": cfg.split,
-               "scales": list(cfg.scales), "flip": cfg.flip, "crf": cfg.crf, "seconds": timer.seconds()}
-    summary = batch_stage.commit_tables(cfg.out, "masks", metadata, summary, cfg.max_errors, cfg.storage)
-    write_contact_sheet(cfg)
-    return summary
+    title = "prediction" + (" (CRF)" if cfg.crf else "")
+    return batch_stage.BatchStage(
+        name=STAGE, table="masks", worker=Segmenter, worker_args=(checkpoint_uri,),
+        tasks=batch_stage.follow_samples(cfg.data, sorted(files), cfg.storage), metadata=metadata,
+        summary={"stage": STAGE, "out": cfg.out, "checkpoint": checkpoint_uri, "split": cfg.split,
+                 "scales": list(cfg.scales), "flip": cfg.flip, "crf": cfg.crf},
+        remote_args=model_actor_args(cfg.use_gpu), file_splits=files,
+        contact_sheet=lambda: batch_stage.contact_sheet(cfg.out, "masks", cfg.data, _contact_panels,
+                                                        ["image", title, "ground truth"], cfg.storage))
 
 
-def write_contact_sheet(cfg: SegmentConfig, count: int = 6) -> None:
-    """image | prediction | ground truth, for a few images."""
+def _contact_panels(row: dict[str, Any], sample: dict[str, Any]) -> list:
+    """image | prediction | ground truth."""
     from ray_wsss.core import viz
 
-    masks = commit.read_first_rows(cfg.out, "masks", count, cfg.storage)
-    if not masks:
-        return
-    samples = commit.read_rows_by_id(cfg.data, "samples", [m["image_id"] for m in masks], cfg.storage,
-                                      columns=["image_id", "image", "gt_mask"])
-    panels = []
-    for row in masks:
-        sample = samples[row["image_id"]]
-        gt = codec.decode_mask(sample["gt_mask"]) if sample["gt_mask"] else None
-        panels.append([codec.decode_image(sample["image"]), viz.colorize(codec.decode_mask(row["mask"])),
-                       viz.colorize(gt) if gt is not None else None])
-    title = "prediction" + (" (CRF)" if cfg.crf else "")
-    storage.write_bytes(storage.join(cfg.out, "contact_sheet.png"),
-                        viz.contact_sheet(panels, ["image", title, "ground truth"]), cfg.storage)
+    gt = codec.decode_mask(sample["gt_mask"]) if sample["gt_mask"] else None
+    return [codec.decode_image(sample["image"]), viz.colorize(codec.decode_mask(row["mask"])),
+            viz.colorize(gt) if gt is not None else None]

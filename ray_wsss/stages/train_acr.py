@@ -1,7 +1,8 @@
 """Stage 2: train the classifier (ACR, baseline, MCTformer) with Ray Train V2 DDP.
 
-The driver builds Ray Data pipelines over the sample shards (decode + augmentation on CPU tasks)
-and a ``TorchTrainer``; every worker runs :func:`train_loop_per_worker`. Checkpoints go to
+The driver streams the training split's files through Ray Data (decode + augmentation on CPU tasks) into
+the common training loop (``harness.training``); :class:`ClassifierTask` is this stage's part of it: the
+method's model and losses (``core.methods``), timm's optimiser groups, held-out mAP and F1. Checkpoints go to
 ``<out>/<name>/`` each epoch; a rerun with the same name resumes from the newest one.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,8 +20,8 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.nn as nn
+from timm.optim import create_optimizer_v2
 
-from ray_wsss.harness import batch_stage
 from ray_wsss.core import storage
 from ray_wsss.core import commit
 from ray_wsss.core.data.augment import ClassifierTransform
@@ -27,20 +29,17 @@ from ray_wsss.core.methods import Method, get_method, list_methods
 from ray_wsss.core.methods.acr import ACRLossConfig
 from ray_wsss.core.methods.views import View, random_view
 from ray_wsss.core.models.vit import ViTConfig
-from ray_wsss.core.storage import StorageOptions
 from ray_wsss.harness import training
 from ray_wsss.core import metrics
-from ray_wsss.core.optim import OPTIMIZERS, build_optimizer, poly_schedule
+from ray_wsss.core.optim import OPTIMIZERS, poly_schedule
 from ray_wsss.core.config import option
 
 log = logging.getLogger(__name__)
 STAGE = "train"
 
 
-
 @dataclasses.dataclass
-class TrainClassifierConfig:
-    data: str = option("runs/default/data", "sample shards URI (prepare_data's --out)")
+class TrainClassifierConfig(training.TrainingConfig):
     out: str = option("runs/default/train", "output URI for checkpoints, metrics and summary")
     method: str = option("acr", "training method", choices=list_methods())
     model: str = option("vit_tiny_patch16_224", "timm ViT/DeiT name")
@@ -50,26 +49,16 @@ class TrainClassifierConfig:
     embed_dim: int | None = option(None, "embedding width (default: the model's)")
     num_heads: int | None = option(None, "attention heads (default: the model's)")
     weights: str | None = option(None, "initial weights file (timm/DeiT state dict or a checkpoint), local or s3://")
-    epochs: int = option(12, "epochs")
-    batch_size: int = option(32, "batch size per worker")
-    num_workers: int = option(1, "Ray Train workers (DDP ranks)")
-    use_gpu: bool = option(False, "one GPU per worker, nccl, AMP")
-    cpus_per_worker: float = option(1.0, "CPUs reserved per worker; the rest feed Ray Data")
     alpha: float | None = option(None, "weight of Lact (default for acr: 125 with --weights, as the paper; 1 from random init; 0 for baseline/mct)")
     beta: float | None = option(None, "weight of Laff (default: as --alpha)")
     acr_layers: tuple[int, ...] | None = option(None, "blocks whose attention the ACR losses use (default: all)")
     view_scales: tuple[float, ...] = option((1.0, 1.25), "resize factors a second view may use")
-    optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
+    optimizer: str = option("adamw", "optimizer (timm's create_optimizer_v2: no weight decay on norms, biases, "
+                                     "position embedding and class tokens)", choices=OPTIMIZERS)
     lr: float = option(5e-4, "base learning rate (poly decay)")
     weight_decay: float = option(0.05, "weight decay")
     momentum: float = option(0.9, "SGD momentum")
     warmup_epochs: float = option(1.0, "linear warm-up before poly decay")
-    train_split: str = option("train", "split to train on")
-    val_split: str = option("val", "held-out split for mAP/F1")
-    name: str = option("train", "run name; rerunning with the same name resumes")
-    max_failures: int = option(2, "worker failures to recover from")
-    seed: int = option(0, "random seed")
-    storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def vit_config(self) -> ViTConfig:
         return ViTConfig(model_name=self.model, img_size=self.img_size, patch_size=self.patch_size,
@@ -104,145 +93,100 @@ class TrainStep(nn.Module):
         return self.two_view_losses(out1, out2, view, labels, self.loss_cfg)
 
 
-# ---------------------------------------------------------------- worker side
+class ClassifierTask:
+    """The classifier's part of the training loop (see harness.training.TrainTask)."""
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    cfg: TrainClassifierConfig = config["cfg"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.manual_seed(cfg.seed + rank)
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    batch_kwargs: dict[str, Any] = {}
+    val_columns = ["image", "labels"]
 
-    num_fg = config["num_classes"] - 1
-    method = get_method(cfg.method)
-    model = method.build_model(cfg.vit_config(), num_fg, storage_options=cfg.storage)
-    alpha, beta = cfg.consistency_weights()
-    two_views = alpha > 0 or beta > 0
-    loss_cfg = ACRLossConfig(alpha=alpha, beta=beta, layers=cfg.acr_layers) if two_views else None
-    step_module = ray.train.torch.prepare_model(TrainStep(model, method, loss_cfg, cfg.patch_size))
+    def __init__(self, cfg: TrainClassifierConfig, config: dict[str, Any], device: torch.device):
+        ctx = ray.train.get_context()
+        self.cfg, self.device, self.class_names = cfg, device, config["class_names"]
+        method = get_method(cfg.method)
+        self.model = method.build_model(cfg.vit_config(), len(self.class_names) - 1, storage_options=cfg.storage)
+        alpha, beta = cfg.consistency_weights()
+        self.two_views = alpha > 0 or beta > 0
+        loss_cfg = ACRLossConfig(alpha=alpha, beta=beta, layers=cfg.acr_layers) if self.two_views else None
+        self.step_module = ray.train.torch.prepare_model(TrainStep(self.model, method, loss_cfg, cfg.patch_size))
+        steps_per_epoch = max(1, config["num_train"] // (cfg.batch_size * ctx.get_world_size()))
+        self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                             **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}))
+        self.scheduler = poly_schedule(self.optimizer, steps_per_epoch * cfg.epochs,
+                                       warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
+        self.view_rng = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.get_world_rank())
+        self.val_transform = ClassifierTransform(cfg.img_size, len(self.class_names), train=False)
 
-    steps_per_epoch = max(1, config["num_train"] // (cfg.batch_size * ctx.get_world_size()))
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
-    scheduler = poly_schedule(optimizer, steps_per_epoch * cfg.epochs, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
-    use_amp, scaler, start_epoch, history = training.start_or_resume(device, model, optimizer, scheduler, STAGE)
+    def train_mode(self) -> None:
+        self.step_module.train()
 
-    view_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    train_shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.time()
-        step_module.train()
-        sums: dict[str, float] = {}
-        batches = 0
-        for batch in train_shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True):
-            view = random_view(view_rng, scales=cfg.view_scales) if two_views else None
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                losses = step_module(batch["image"], batch["labels"], view)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-            batches += 1
-        row = {"epoch": epoch + 1, **{f"loss_{k}": v / max(1, batches) for k, v in sums.items()},
-               "lr": scheduler.get_last_lr()[0], "train_batches": batches}
-        if rank == 0:
-            val_transform = ClassifierTransform(cfg.img_size, config["num_classes"], train=False)
-            row.update(evaluate_classifier(model, ray.train.get_dataset_shard("val"), val_transform,
-                                           cfg.batch_size, device, use_amp))
-            row["epoch_seconds"] = round(time.time() - started, 2)
-            history.append(row)
-            training.worker_print(training.format_row(STAGE, row))
-            training.report_epoch(row, lambda tmp: _save_checkpoint(tmp, cfg, config, model, optimizer, scheduler,
-                                                                  scaler, epoch, history))
-        else:
-            training.report_epoch(row, None)
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        view = random_view(self.view_rng, scales=self.cfg.view_scales) if self.two_views else None
+        return self.step_module(batch["image"], batch["labels"], view)
+
+    def validate(self, rows: Iterator[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, targets) of this rank's held-out rows."""
+        logits, targets = [np.zeros((0, len(self.class_names) - 1), np.float32)], [
+            np.zeros((0, len(self.class_names) - 1), np.float32)]
+        for chunk in _chunks(rows, self.cfg.batch_size):
+            batch = self.val_transform({"image": [r["image"] for r in chunk], "labels": [r["labels"] for r in chunk]})
+            with torch.autocast(device_type=self.device.type, enabled=self.device.type == "cuda"):
+                out = self.model(torch.from_numpy(batch["image"]).to(self.device)).logits
+            logits.append(out.float().cpu().numpy())
+            targets.append(batch["labels"])
+        return np.concatenate(logits), np.concatenate(targets)
+
+    def validation_metrics(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        logits = np.concatenate([p[0] for p in parts])
+        targets = np.concatenate([p[1] for p in parts])
+        if not len(logits):
+            return {}
+        return {"val_map": metrics.mean_average_precision(logits, targets),
+                **{f"val_{k}": v for k, v in metrics.f1_scores(logits, targets).items()}}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"method": self.cfg.method, "class_names": self.class_names,
+                "model_config": dataclasses.asdict(self.cfg.vit_config())}
 
 
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, val_rows, transform: ClassifierTransform, batch_size: int,
-                        device: torch.device, use_amp: bool) -> dict[str, float]:
-    """Held-out mAP and F1 of the (unwrapped) model on rank 0.
-
-    ``val_rows`` is materialised raw rows, decoded here: a Ray Data task would need a CPU that the
-    train split's next epoch may already hold, and rank 0 would wait forever (the others wait at
-    the report barrier).
-    """
-    if val_rows is None:
-        return {}
-    was_training = model.training
-    model.eval()
-    all_logits, all_targets = [], []
-    for raw in val_rows.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        batch = transform(raw)
-        with torch.autocast(device_type=device.type, enabled=use_amp):
-            logits = model(torch.from_numpy(batch["image"]).to(device)).logits
-        all_logits.append(logits.float().cpu().numpy())
-        all_targets.append(batch["labels"])
-    model.train(was_training)
-    if not all_logits:
-        return {}
-    logits, targets = np.concatenate(all_logits), np.concatenate(all_targets)
-    return {"val_map": metrics.mean_average_precision(logits, targets),
-            **{f"val_{k}": v for k, v in metrics.f1_scores(logits, targets).items()}}
-
-
-def _save_checkpoint(directory: str, cfg: TrainClassifierConfig, config: dict, model: nn.Module, optimizer, scheduler,
-                     scaler, epoch: int, history: list[dict]) -> None:
-    state = {
-        "model": model.state_dict(),
-        "model_config": dataclasses.asdict(cfg.vit_config()),
-        "method": cfg.method,
-        "class_names": config["class_names"],
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-    }
-    meta = {"epoch": epoch + 1, "method": cfg.method, "class_names": config["class_names"],
-            "model_config": state["model_config"]}
-    training.save_checkpoint(directory, state, meta, history)
+def _chunks(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # ---------------------------------------------------------------- driver side
 
-def split_dataset(data: str, split: str, options: StorageOptions | None, columns: list[str]) -> ray.data.Dataset:
-    """Rows of one split of committed sample shards, as a Ray dataset."""
-    return batch_stage.read_committed(data, "samples", options, columns=columns, split=split)
+def train_dataset(cfg: TrainClassifierConfig, num_classes: int) -> ray.data.Dataset:
+    """The training split, streamed from its files and augmented in Ray Data tasks each epoch (not materialised)."""
+    files = training.split_files(cfg.data, cfg.train_split, cfg.storage)
+    fs, _ = storage.resolve(cfg.data, cfg.storage)
+    paths = [storage.resolve(f, cfg.storage)[1] for f in files]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=["image", "labels"]).map_batches(
+        ClassifierTransform(cfg.img_size, num_classes, train=True), batch_size=64)
 
 
-def run(cfg: TrainClassifierConfig) -> dict[str, Any]:
-    """Train and return the job summary (final losses, held-out metrics, checkpoint URI)."""
+def run(cfg: TrainClassifierConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Train and return the job summary (final losses, held-out metrics, checkpoint URI).
+
+    ``callbacks``: extra Ray Train callbacks (the Tune sweep passes its ``TuneReportCallback``).
+    """
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
     started = time.time()
-    dataset_meta = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)
     commit.read_manifest(cfg.data, cfg.storage)  # a clear error if the data stage never committed
+    dataset_meta = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)
     class_names = dataset_meta["class_names"]
     by_split = dataset_meta["counts"]["by_split"]
     if not by_split.get(cfg.train_split):
         raise ValueError(f"{cfg.data} has no images in split {cfg.train_split!r}; it has {by_split}")
     training.check_cpu_budget(cfg)
-
-    num_classes = len(class_names)
     # Per-epoch lines are this stage's progress; Ray Data's bars inside workers would flood the log.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # Raw (encoded) rows read once: re-reading the shards each epoch (listing, footer-reader actors,
-    # read tasks) delayed every epoch's first batch by seconds. Only decode + augmentation re-run.
-    train_ds = split_dataset(cfg.data, cfg.train_split, cfg.storage, ["image", "labels"]).materialize().map_batches(
-        ClassifierTransform(cfg.img_size, num_classes, train=True), batch_size=64)
-    datasets = {"train": train_ds}
-    if by_split.get(cfg.val_split):
-        # Raw rows, materialised now: rank 0 decodes them itself (see evaluate_classifier).
-        datasets["val"] = split_dataset(cfg.data, cfg.val_split, cfg.storage, ["image", "labels"]).materialize()
-    else:
-        log.warning("no %r split in %s: no held-out metrics", cfg.val_split, cfg.data)
-
-    checkpoint_path = training.fit(
-        cfg, train_loop_per_worker,
-        {"cfg": cfg, "num_classes": num_classes, "class_names": class_names, "num_train": by_split[cfg.train_split]},
-        datasets, STAGE)
+    loop_config = {"class_names": class_names, "num_train": by_split[cfg.train_split]}
+    checkpoint_path, _ = training.fit(cfg, ClassifierTask, loop_config, train_dataset(cfg, len(class_names)), STAGE,
+                                      callbacks)
     return training.finish(cfg, checkpoint_path, started, {"stage": STAGE, "method": cfg.method})
-

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import posixpath
 import time
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.data
+from ray.data.expressions import col
 import ray.train
 import ray.train.torch
 import torch
@@ -28,7 +29,6 @@ from ray_wsss.core import codec, storage
 from ray_wsss.core import commit
 from ray_wsss.harness import batch_stage
 from ray_wsss.core.data.seg_augment import SegmentationTransform
-from ray_wsss.core.errors import WsssError
 from ray_wsss.core.metrics import ConfusionMatrix
 from ray_wsss.core.models.deeplab import BACKBONES, DeepLabConfig, DeepLabV2, create_deeplab
 from ray_wsss.core.schema import IGNORE_INDEX
@@ -46,10 +46,12 @@ METHOD = "deeplab"  # what checkpoints of this trainer say they hold
 
 
 @dataclasses.dataclass
-class TrainDeepLabConfig:
-    masks: str | None = option(None, "pseudo masks URI (make_masks' --out); not needed with --gt-masks")
-    data: str = option("runs/default/data", "sample shards URI (prepare_data's --out)")
+class TrainDeepLabConfig(training.TrainingConfig):
     out: str = option("runs/default/deeplab", "output URI for checkpoints, metrics and summary")
+    name: str = option("deeplab", "run name; rerunning with the same name resumes")
+    epochs: int = option(10, "epochs")
+    batch_size: int = option(8, "batch size per worker")
+    masks: str | None = option(None, "pseudo masks URI (make_masks' --out); not needed with --gt-masks")
     gt_masks: bool = option(False, "train on the samples' ground-truth masks instead (the fully supervised reference)")
     backbone: str = option("resnet18", "dilated ResNet depth (the paper: resnet101)", choices=BACKBONES)
     backbone_weights: str | None = option(None, "torchvision ResNet state dict (ImageNet), local or s3://")
@@ -57,23 +59,12 @@ class TrainDeepLabConfig:
                                       "(default: on with --backbone-weights, off from scratch)")
     crop: int = option(96, "training crop size (the paper: 321 or 513)")
     scale_range: tuple[float, ...] = option((0.5, 1.5), "random rescale range: low high")
-    epochs: int = option(10, "epochs")
-    batch_size: int = option(8, "batch size per worker")
-    num_workers: int = option(1, "Ray Train workers (DDP ranks)")
-    use_gpu: bool = option(False, "one GPU per worker, nccl, AMP")
-    cpus_per_worker: float = option(1.0, "CPUs reserved per worker; the rest feed Ray Data")
     lr: float = option(2.5e-3, "backbone learning rate, the head gets 10x (the paper: 2.5e-4 from ImageNet weights)")
     weight_decay: float = option(5e-4, "SGD weight decay")
     momentum: float = option(0.9, "SGD momentum")
     poly_power: float = option(0.9, "poly decay power")
     warmup_epochs: float = option(1.0, "linear warm-up before the poly decay (DeepLab-V2 has none; from scratch it "
                                    "stops the early loss spikes)")
-    train_split: str = option("train", "split to train on")
-    val_split: str | None = option("val", "held-out split scored each epoch against its ground truth ('' for none)")
-    name: str = option("deeplab", "run name; rerunning with the same name resumes")
-    max_failures: int = option(2, "worker failures to recover from")
-    seed: int = option(0, "random seed")
-    storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def deeplab_config(self) -> DeepLabConfig:
         return DeepLabConfig(backbone=self.backbone, backbone_weights=self.backbone_weights)
@@ -115,152 +106,106 @@ def freeze_batchnorm(module: nn.Module) -> None:
 
 # ---------------------------------------------------------------- worker side
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    cfg: TrainDeepLabConfig = config["cfg"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+class SegmenterTask:
+    """DeepLab's part of the training loop (see harness.training.TrainTask)."""
 
-    num_classes = len(config["class_names"])
-    model = create_deeplab(cfg.deeplab_config(), num_classes, cfg.storage)
-    freeze = cfg.frozen_bn()
-    if freeze:
-        freeze_batchnorm(model.backbone)
-    step_module = ray.train.torch.prepare_model(SegmentationStep(model))
+    batch_kwargs = {"dtypes": {"image": torch.float32, "mask": torch.int64}}
+    val_columns = ["image", "gt_mask"]
 
-    steps_per_epoch = max(1, config["num_train"] // (cfg.batch_size * ctx.get_world_size()))
-    optimizer = build_optimizer("sgd", model.param_groups(cfg.lr), cfg.lr, cfg.weight_decay, cfg.momentum)
-    scheduler = poly_schedule(optimizer, steps_per_epoch * cfg.epochs, power=cfg.poly_power,
-                              warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
-    use_amp, scaler, start_epoch, history = training.start_or_resume(device, model, optimizer, scheduler, STAGE)
+    def __init__(self, cfg: TrainDeepLabConfig, config: dict[str, Any], device: torch.device):
+        ctx = ray.train.get_context()
+        self.cfg, self.class_names = cfg, config["class_names"]
+        self.model = create_deeplab(cfg.deeplab_config(), len(self.class_names), cfg.storage)
+        self.freeze = cfg.frozen_bn()
+        if self.freeze:
+            freeze_batchnorm(self.model.backbone)
+        self.step_module = ray.train.torch.prepare_model(SegmentationStep(self.model))
+        steps_per_epoch = max(1, config["num_train"] // (cfg.batch_size * ctx.get_world_size()))
+        self.optimizer = build_optimizer("sgd", self.model.param_groups(cfg.lr), cfg.lr, cfg.weight_decay, cfg.momentum)
+        self.scheduler = poly_schedule(self.optimizer, steps_per_epoch * cfg.epochs, power=cfg.poly_power,
+                                       warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
+        self.masks_source = config["masks_source"]
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = training.dataset_shard("val", config["has_val"])
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.time()
-        set_train_mode(step_module, freeze)
-        loss_sum, batches = 0.0, 0
-        for batch in train_shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
-                                                    dtypes={"image": torch.float32, "mask": torch.int64}):
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                loss = step_module(batch["image"], batch["mask"])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += float(loss.detach())
-            batches += 1
-        if batches == 0:
-            raise WsssError(f"rank {rank} got no training batch of {cfg.batch_size} in epoch {epoch + 1}: "
-                            f"too few joined (image, mask) rows for {ctx.get_world_size()} workers")
-        row = {"epoch": epoch + 1, "loss_ce": mean_over_ranks(loss_sum, batches, device),
-               "lr": scheduler.get_last_lr()[0], "train_batches": batches}
-        if rank == 0:
-            row.update(evaluate_segmenter(model, val_shard, num_classes, use_amp))
-            row["epoch_seconds"] = round(time.time() - started, 2)
-            history.append(row)
-            training.worker_print(training.format_row(STAGE, row))
-            training.report_epoch(row, lambda tmp: _save_checkpoint(tmp, cfg, config, model, optimizer, scheduler,
-                                                                  scaler, epoch, history))
-        else:
-            training.report_epoch(row, None)
+    def train_mode(self) -> None:
+        set_train_mode(self.step_module, self.freeze)
 
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        loss = self.step_module(batch["image"], batch["mask"])
+        return {"ce": loss, "total": loss}
 
-def mean_over_ranks(total: float, count: int, device: torch.device) -> float:
-    """sum(total) / sum(count) over all DDP ranks, so the reported loss is the whole epoch's."""
-    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-    return float(sums[0] / sums[1].clamp(min=1))
+    def validate(self, rows) -> np.ndarray:
+        """Confusion counts of this rank's held-out rows (single scale)."""
+        matrix = ConfusionMatrix(len(self.class_names))
+        device_type = next(self.model.parameters()).device.type
+        for row in rows:
+            if row["gt_mask"] is None:
+                continue
+            rgb = codec.decode_image(row["image"])
+            with torch.autocast(device_type=device_type, enabled=device_type == "cuda"):
+                probs = predict_probs(self.model, normalize_image(rgb))
+            matrix.add(probs.argmax(0).cpu().numpy().astype(np.uint8), codec.decode_mask(row["gt_mask"]))
+        return matrix.counts
 
+    def validation_metrics(self, parts: list[np.ndarray]) -> dict[str, float]:
+        scores = ConfusionMatrix.from_counts(sum(parts)).scores()
+        if scores["miou"] is None:
+            return {}
+        return {"val_miou": scores["miou"], "val_pixel_acc": scores["pixel_acc"]}
 
-@torch.no_grad()
-def evaluate_segmenter(model: nn.Module, val_shard, num_classes: int, use_amp: bool) -> dict[str, float]:
-    """Single-scale mIoU and pixel accuracy of the (unwrapped) model on rows with ``image`` and ``gt_mask``."""
-    if val_shard is None:
-        return {}
-    matrix = ConfusionMatrix(num_classes)
-    device_type = next(model.parameters()).device.type
-    for batch in val_shard.iter_batches(batch_size=8, batch_format="numpy"):
-        for image_bytes, gt_bytes in zip(batch["image"], batch["gt_mask"]):
-            rgb = codec.decode_image(image_bytes)
-            with torch.autocast(device_type=device_type, enabled=use_amp):
-                probs = predict_probs(model, normalize_image(rgb))
-            matrix.add(probs.argmax(0).cpu().numpy().astype(np.uint8), codec.decode_mask(gt_bytes))
-    scores = matrix.scores()
-    if scores["miou"] is None:
-        return {}
-    return {"val_miou": scores["miou"], "val_pixel_acc": scores["pixel_acc"]}
-
-
-def _save_checkpoint(directory: str, cfg: TrainDeepLabConfig, config: dict, model: DeepLabV2, optimizer,
-                     scheduler, scaler, epoch: int, history: list[dict]) -> None:
-    state = {
-        "model": model.state_dict(),
-        "model_config": dataclasses.asdict(cfg.deeplab_config()),
-        "method": METHOD,
-        "class_names": config["class_names"],
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-    }
-    meta = {"epoch": epoch + 1, "method": METHOD, "class_names": config["class_names"],
-            "model_config": state["model_config"], "masks": config["masks_source"]}
-    training.save_checkpoint(directory, state, meta, history)
-
-
-def load_segmenter(checkpoint_uri: str, options: StorageOptions | None,
-                   device: torch.device) -> tuple[DeepLabV2, list[str]]:
-    """(model in eval mode on ``device``, class names) from a checkpoint directory of this trainer."""
-    state = checkpoints.load_state(checkpoint_uri, options)
-    if state.get("method") != METHOD:
-        raise WsssError(f"{checkpoint_uri} holds a {state.get('method')!r} checkpoint, not a DeepLab one "
-                        "(jobs/train_deeplab.py writes those)")
-    # The trained weights cover the backbone: never fetch the initial ones again.
-    model_cfg = DeepLabConfig(**{**state["model_config"], "backbone_weights": None})
-    model = create_deeplab(model_cfg, len(state["class_names"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state["class_names"]
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"method": checkpoints.SEGMENTER_METHOD, "class_names": self.class_names,
+                "model_config": dataclasses.asdict(self.cfg.deeplab_config()), "masks": self.masks_source}
 
 
 # ---------------------------------------------------------------- driver side
 
 def training_records(cfg: TrainDeepLabConfig) -> ray.data.Dataset:
-    """Rows (image_id, image, mask) of the training split: samples joined with the masks table, or their gt."""
+    """Rows (image_id, image, mask) of the training split, streamed file by file: each samples file paired
+    with the masks file of the same name (no join), or the samples' ground truth with --gt-masks."""
+    files = training.split_files(cfg.data, cfg.train_split, cfg.storage)
     if cfg.gt_masks:
-        samples = batch_stage.read_committed(cfg.data, "samples", cfg.storage, ["image_id", "image", "gt_mask"],
-                                       cfg.train_split)
-        return samples.map_batches(
-            lambda t: (t.filter(pc.is_valid(t["gt_mask"])).select(["image_id", "image", "gt_mask"])
-                       .rename_columns(["image_id", "image", "mask"])), batch_format="pyarrow")
-    samples = batch_stage.read_committed(cfg.data, "samples", cfg.storage, ["image_id", "image"], cfg.train_split)
-    masks = batch_stage.read_committed(cfg.masks, "masks", cfg.storage, ["image_id", "mask"])
-    partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
-    return samples.join(masks, join_type="inner", num_partitions=partitions, on=("image_id",))
+        fs, _ = storage.resolve(cfg.data, cfg.storage)
+        paths = [storage.resolve(f, cfg.storage)[1] for f in files]
+        return (ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "image", "gt_mask"])
+                .filter(expr=col("gt_mask").is_not_null())
+                .rename_columns({"gt_mask": "mask"}))
+    masks = set(commit.table_file_names(cfg.masks, "masks", cfg.storage))
+    pairs = [{"samples": f, "masks": storage.join(cfg.masks, "masks", posixpath.basename(f))}
+             for f in files if posixpath.basename(f) in masks]
+    return ray.data.from_items(pairs, override_num_blocks=max(1, len(pairs))).flat_map(
+        paired_rows, fn_kwargs={"options": cfg.storage})
 
 
-def count_training_rows(cfg: TrainDeepLabConfig, by_split: dict[str, int]) -> int:
-    """Rows the join yields (ids only, no images read); with --gt-masks, the split's size."""
+def paired_rows(pair: dict[str, str], options: StorageOptions | None) -> list[dict[str, Any]]:
+    """A (samples file, masks file) pair -> its (image_id, image, mask) rows, matched by id in file order."""
+    task = batch_stage.FileTask(name=pair["samples"], primary=pair["samples"], paired=(("masks", pair["masks"]),))
+    columns = {"primary": ["image_id", "image"], "masks": ["image_id", "mask"]}
+    rows = []
+    for records in batch_stage.iter_task_records(task, columns, 64, options, []):
+        rows += [{"image_id": r["image_id"], "image": r["image"], "mask": r["masks"]["mask"]}
+                 for r in records if r["masks"] is not None]
+    return rows
+
+
+def count_training_rows(cfg: TrainDeepLabConfig) -> int:
+    """Rows the pairing yields, from the files' footers (no image read)."""
+    files = training.split_files(cfg.data, cfg.train_split, cfg.storage)
     if cfg.gt_masks:
-        return by_split[cfg.train_split]
-    mask_ids = commit.read_table(cfg.masks, "masks", cfg.storage, columns=["image_id"])["image_id"]
-    samples = commit.read_table(cfg.data, "samples", cfg.storage, columns=["image_id", "split"])
-    splits = pa.array([s.strip() for s in cfg.train_split.split(",") if s.strip()], pa.string())
-    in_split = samples.filter(pc.is_in(samples["split"], value_set=splits))
-    return int(pc.sum(pc.is_in(in_split["image_id"], value_set=mask_ids.combine_chunks())).as_py() or 0)
+        return sum(_count_valid(f, "gt_mask", cfg.storage) for f in files)
+    masks = set(commit.table_file_names(cfg.masks, "masks", cfg.storage))
+    return sum(_num_rows(storage.join(cfg.masks, "masks", posixpath.basename(f)), cfg.storage)
+               for f in files if posixpath.basename(f) in masks)
 
 
-def validation_records(cfg: TrainDeepLabConfig) -> ray.data.Dataset:
-    """Rows (image, gt_mask) of the held-out split that have a ground-truth mask."""
-    samples = batch_stage.read_committed(cfg.data, "samples", cfg.storage, ["image", "gt_mask"], cfg.val_split)
-    # Materialised now: at validation time a Ray Data task could wait forever for a CPU held by the
-    # train split's next epoch, while the other ranks wait at the report barrier.
-    return samples.map_batches(lambda t: t.filter(pc.is_valid(t["gt_mask"])), batch_format="pyarrow").materialize()
+def _num_rows(uri: str, options: StorageOptions | None) -> int:
+    fs, path = storage.resolve(uri, options)
+    return pq.read_metadata(path, filesystem=fs).num_rows
+
+
+def _count_valid(uri: str, column: str, options: StorageOptions | None) -> int:
+    fs, path = storage.resolve(uri, options)
+    values = pq.read_table(path, filesystem=fs, columns=[column])[column]
+    return len(values) - values.null_count
 
 
 def run(cfg: TrainDeepLabConfig) -> dict[str, Any]:
@@ -279,27 +224,20 @@ def run(cfg: TrainDeepLabConfig) -> dict[str, Any]:
     by_split = dataset_meta["counts"]["by_split"]
     if not by_split.get(cfg.train_split):
         raise ValueError(f"{cfg.data} has no images in split {cfg.train_split!r}; it has {by_split}")
-    num_train = count_training_rows(cfg, by_split)
+    num_train = count_training_rows(cfg)
     if num_train < cfg.batch_size * cfg.num_workers:
         raise ValueError(f"{num_train} images of split {cfg.train_split!r} have a mask in "
                          f"{'the ground truth' if cfg.gt_masks else cfg.masks}: fewer than one batch of "
                          f"{cfg.batch_size} for each of {cfg.num_workers} workers")
     training.check_cpu_budget(cfg)
-
     # Per-epoch lines are this stage's progress; Ray Data's bars inside workers would flood the log.
     ray.data.DataContext.get_current().enable_progress_bars = False
     transform = SegmentationTransform(cfg.crop, len(class_names), scale_range=tuple(cfg.scale_range))
-    datasets = {"train": training_records(cfg).map_batches(transform, batch_size=16)}
-    if cfg.val_split and by_split.get(cfg.val_split):
-        datasets["val"] = validation_records(cfg)
-    elif cfg.val_split:
-        log.warning("no %r split in %s: no held-out mIoU", cfg.val_split, cfg.data)
-
     masks_source = "ground truth" if cfg.gt_masks else cfg.masks
     log.info("training DeepLab-V2 (%s) on %d images of %r with masks from %s", cfg.backbone, num_train,
              cfg.train_split, masks_source)
-    loop_config = {"cfg": cfg, "class_names": class_names, "num_train": num_train, "has_val": "val" in datasets,
-                   "masks_source": masks_source}
-    checkpoint_path = training.fit(cfg, train_loop_per_worker, loop_config, datasets, STAGE)
+    loop_config = {"class_names": class_names, "num_train": num_train, "masks_source": masks_source}
+    checkpoint_path, _ = training.fit(cfg, SegmenterTask, loop_config,
+                                      training_records(cfg).map_batches(transform, batch_size=16), STAGE)
     return training.finish(cfg, checkpoint_path, started,
-                         {"stage": STAGE, "backbone": cfg.backbone, "masks": masks_source, "train_images": num_train})
+                           {"stage": STAGE, "backbone": cfg.backbone, "masks": masks_source, "train_images": num_train})

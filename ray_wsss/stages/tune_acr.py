@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import posixpath
 import time
 from typing import Any
 
@@ -23,9 +24,9 @@ import ray
 from ray import tune
 
 from ray_wsss.core import config as config_lib
-from ray_wsss.core import codec, metrics, storage
+from ray_wsss.core import storage
 from ray_wsss.core import commit
-from ray_wsss.stages import extract_seeds
+from ray_wsss.stages import evaluate, extract_seeds
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.stages import train_acr
 from ray_wsss.harness import training
@@ -157,96 +158,26 @@ def concurrent_trials(cfg: TuneACRConfig) -> int:
 # ---------------------------------------------------------------- a trial (runs in a Tune actor)
 
 def run_trial(params: dict[str, Any], sweep: TuneACRConfig) -> None:
-    """Tune function trainable: train (epoch metrics go to Tune), extract seeds, report ``seed_miou``."""
+    """Tune function trainable: train (epoch metrics go to Tune), extract seeds, report ``seed_miou``.
+
+    The training is train_acr's own run (the same loop, checkpoints and resume), with Tune's callback.
+    """
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     trial_out = storage.join(sweep.out, "trials", trial_id)
     train_cfg = sweep.train_config(params, storage.join(trial_out, "train"), trial_id)
-    started = time.time()
-    checkpoint, last_epoch = fit(train_cfg, callbacks=[TuneReportCallback()])
-    training.finish(train_cfg, checkpoint, started, {"stage": train_acr.STAGE, "method": train_cfg.method})
-
-    checkpoint = training.checkpoint_uri(train_cfg, checkpoint)
-    seeds_cfg = sweep.seeds_config(params["layers"], checkpoint, storage.join(trial_out, "seeds"),
+    summary = train_acr.run(train_cfg, callbacks=[TuneReportCallback()])
+    seeds_cfg = sweep.seeds_config(params["layers"], summary["checkpoint"], storage.join(trial_out, "seeds"),
                                    split=sweep.eval_split, num_actors=sweep.seed_actors())
     extract_seeds.run(seeds_cfg)
-    scores = score_seeds(seeds_cfg.out, sweep.data, sweep.eval_split, sweep.storage)
+    scores = evaluate.run(evaluate.EvaluateConfig(pred=seeds_cfg.out, data=sweep.data, kind="seeds",
+                                                  split=sweep.eval_split, num_actors=sweep.seed_actors(),
+                                                  storage=sweep.storage))
     # No `epoch` key: ASHA ignores this result, so it judges training epochs only.
     tune.report({"seed_miou": scores["miou"], "seed_threshold": scores["threshold"], "seed_images": scores["images"],
-                 "checkpoint_uri": checkpoint, "epochs_trained": last_epoch.get("epoch"),
-                 **{k: v for k, v in last_epoch.items() if k.startswith("val_")}})
-
-
-def score_seeds(seeds: str, data: str, split: str, options: StorageOptions | None = None) -> dict[str, Any]:
-    """Seed mIoU at the best background threshold, as ``evaluate.run(kind="seeds")`` scores it.
-
-    The same :class:`metrics.ThresholdSweep`, run in this process over one seeds file at a time:
-    evaluate.run's Ray Data join needs polars and its shuffle would compete with the concurrent
-    trials for CPUs. Writes ``<seeds>/eval/summary.json``.
-    """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    class_names = storage.read_json(storage.join(data, "dataset.json"), options)["class_names"]
-    samples = commit.read_table(data, "samples", options, columns=["image_id", "split", "gt_mask"])
-    samples = samples.filter(pc.and_(pc.equal(samples["split"], split), pc.is_valid(samples["gt_mask"])))
-    gt_masks = dict(zip(samples["image_id"].to_pylist(), samples["gt_mask"].to_pylist()))
-    sweep = metrics.ThresholdSweep(len(class_names))
-    fs, _ = storage.resolve(seeds, options)
-    images = 0
-    for uri in commit.table_files(seeds, "seeds", options):
-        table = pq.read_table(storage.resolve(uri, options)[1], filesystem=fs, columns=["image_id", "classes", "scores"])
-        for row in table.to_pylist():
-            if row["image_id"] in gt_masks:
-                gt = codec.decode_mask(gt_masks[row["image_id"]])
-                sweep.add(codec.decode_scores(row["scores"]), row["classes"], gt)
-                images += 1
-    if not images:
-        raise ValueError(f"no seeds of {seeds} have a ground-truth mask in split {split!r} of {data}")
-    best = sweep.best(class_names)
-    summary = {"kind": "seeds", "pred": seeds, "split": split, "images": images,
-               **{k: best[k] for k in ("miou", "threshold", "fp", "fn", "per_class", "curve")}}
-    storage.write_json(storage.join(seeds, "eval", "summary.json"), summary, options)
-    return summary
-
-
-def fit(cfg: train_acr.TrainClassifierConfig, callbacks: list) -> tuple[str, dict[str, Any]]:
-    """train_acr.run's Train V2 run with extra Train callbacks; -> (last checkpoint's path, last epoch's metrics)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ray_wsss.core.data.augment import ClassifierTransform
-
-    dataset_meta = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)
-    class_names = dataset_meta["class_names"]
-    by_split = dataset_meta["counts"]["by_split"]
-    if not by_split.get(cfg.val_split):
-        raise ValueError(f"{cfg.data} has no images in split {cfg.val_split!r} for the per-epoch metrics; "
-                         f"it has {by_split}")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    # As in train_acr.run: augmented train rows; raw val rows, materialised, decoded by rank 0 itself.
-    train_ds = train_acr.split_dataset(cfg.data, cfg.train_split, cfg.storage, ["image", "labels"]).map_batches(
-        ClassifierTransform(cfg.img_size, len(class_names), train=True), batch_size=64)
-    val_ds = train_acr.split_dataset(cfg.data, cfg.val_split, cfg.storage, ["image", "labels"]).materialize()
-
-    storage_fs, storage_path = storage.resolve(cfg.out, cfg.storage)
-    trainer = TorchTrainer(
-        train_acr.train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "num_classes": len(class_names), "class_names": class_names,
-                           "num_train": by_split[cfg.train_split]},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=training.worker_resources(cfg)),
-        run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {cfg.name!r} finished without a checkpoint")
-    return result.checkpoint.path, dict(result.metrics or {})
+                 "checkpoint_uri": summary["checkpoint"], "epochs_trained": summary["epochs"],
+                 **{f"val_{k}": v for k, v in summary["val"].items()}})
 
 
 # ---------------------------------------------------------------- the sweep (driver side)
@@ -285,6 +216,14 @@ def run(cfg: TuneACRConfig) -> dict[str, Any]:
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=cfg), {"CPU": 0, "memory": TRIAL_MEMORY})
     storage_fs, storage_path = storage.resolve(cfg.out, cfg.storage)
+    experiment = posixpath.join(storage_path, cfg.name)
+    if tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
+        # A sweep that was interrupted (driver killed, cluster lost) resumes: finished trials stay,
+        # unfinished and errored ones run again (their Train runs resume from their checkpoints).
+        log.info("sweep %s exists under %s: resuming it", cfg.name, cfg.out)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=storage_fs)
+        return _finish(cfg, tuner.fit(), started, concurrency)
     tuner = tune.Tuner(
         trainable,
         param_space=cfg.param_space(),

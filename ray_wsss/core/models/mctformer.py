@@ -83,6 +83,10 @@ class MCTformer(nn.Module):
         embed_dim = self.cls_token.shape[-1]
         self.head = nn.Conv2d(embed_dim, num_classes, kernel_size=3, padding=1) if version == "v2" else None
 
+    def no_weight_decay(self) -> set[str]:
+        """Class tokens and position embeddings take no weight decay (the DeiT/timm parameter groups)."""
+        return {"cls_token", "pos_embed"}
+
     def resampled_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
         """[1, C + gh*gw, D]: the patch part resampled to ``grid``, the class part untouched."""
         return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.base_grid),

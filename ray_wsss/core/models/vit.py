@@ -102,6 +102,10 @@ class AttentionViT(nn.Module):
             attn.fused_attn = False  # the fused kernel never materialises the probabilities
             attn.attn_drop.register_forward_pre_hook(self._recorder.hook)
 
+    def no_weight_decay(self) -> set[str]:
+        """timm's exclusions (position embedding, prefix tokens) under our ``vit.`` prefix, for its optimiser groups."""
+        return {f"vit.{name}" for name in self.vit.no_weight_decay()}
+
     def forward(self, x: torch.Tensor) -> ClassifierOutput:
         if x.ndim != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
