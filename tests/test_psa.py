@@ -73,6 +73,7 @@ def test_the_crf_takes_a_seed_spilling_past_an_edge_out_of_the_confident_foregro
     image = np.full((64, 64, 3), 30, np.uint8)
     image[16:48, 16:48] = 220
     image = np.clip(image + np.random.default_rng(0).normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    image.setflags(write=False)  # as np.asarray of a PIL image: pydensecrf needs a writable copy
     seeds = np.zeros((1, 64, 64), np.float32)
     seeds[0, 16:48, 16:56] = 0.9
     plain = psa.affinity_labels(seeds, [4], NO_CRF)

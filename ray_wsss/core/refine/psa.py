@@ -98,7 +98,8 @@ def displacements(radius: int) -> list[tuple[int, int]]:
     if radius < 2:
         raise ValueError(f"radius must be >= 2, got {radius}")
     half = [(0, dx) for dx in range(1, radius)]
-    half += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius) if dx * dx + dy * dy < radius * radius]
+    half += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius)
+             if dx * dx + dy * dy < radius * radius]
     return half
 
 
@@ -204,8 +205,11 @@ def _check_image(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def power_background(seeds: np.ndarray, alpha: float) -> np.ndarray:
-    """PSA's background score (1 - max_c seeds)**alpha, float32 [H, W]; 1 where no class is labelled."""
-    top = seeds.max(axis=0) if len(seeds) else np.zeros(seeds.shape[1:], np.float32)
+    """PSA's background score (1 - max_c seeds)**alpha, float32 [H, W]; 1 where no class is labelled.
+
+    The top score is clipped to [0, 1] (the seeds contract's range) so that float16 rounding above 1 cannot
+    make a fractional power NaN."""
+    top = np.clip(seeds.max(axis=0), 0, 1) if len(seeds) else np.zeros(seeds.shape[1:], np.float32)
     return (1 - top) ** np.float32(alpha)
 
 
@@ -234,14 +238,18 @@ def affinity_labels(seeds: np.ndarray, classes: Sequence[int], cfg: PSAConfig,
     the low-alpha argmax where that is a class, 255 where it is the background, and 0 wherever the high-alpha
     argmax is the background (VOC12AffDataset's order of assignments; ties go to the background).
 
-    PSA also sets 255 where every pooled score is below 1e-5: the zero padding of its random crop. Crops
-    are the training stage's business here (it pads with 255), so that rule has nothing to act on.
+    PSA pools each random crop (train_aff.py: crop, flip, then AvgPool2d(8)); here the whole image is pooled
+    once, so a training crop taken at multiples of 8 pixels sees exactly the blocks PSA's would (PSA's crops
+    start anywhere, so its blocks shift by under a cell). PSA also sets 255 where every pooled score is below
+    1e-5: the zero padding of its crop. Crops are the training stage's business here (it pads labels with
+    255), so that rule has nothing to act on.
     """
     scores, ids = _check_seeds(seeds, classes)
     if cfg.label_crf:
         if image is None:
             raise ValueError("label_crf is on: pass the image the seeds belong to")
-        image = _check_image(image, scores.shape[1:])
+        # pydensecrf wants a writable buffer; np.asarray of a PIL image is read-only
+        image = np.require(_check_image(image, scores.shape[1:]), requirements=["C", "W"])
 
     def labelling(alpha: float) -> np.ndarray:
         per_label = np.concatenate([power_background(scores, alpha)[None], scores])
@@ -310,38 +318,47 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def image_affinities(image: np.ndarray, model: nn.Module, radius: int) -> Tensor:
+    """uint8 image [H, W, 3] -> the affinities [n_displacements, M] of its stride-8 grid, as infer_aff.py:
+    the normalised image zero-padded to multiples of 8, embedded (``model(x)`` -> [1, D, H/8, W/8])."""
+    height, width = image.shape[:2]
+    grid_h, grid_w = grid_size(height, width)
+    pixels = F.pad(normalize(image), (0, grid_w * STRIDE - width, 0, grid_h * STRIDE - height))
+    with torch.no_grad():
+        embedding = model(pixels[None].to(_device_of(model)))
+        if tuple(embedding.shape[-2:]) != (grid_h, grid_w):
+            raise ValueError(f"the model's embedding is {tuple(embedding.shape[-2:])} for a "
+                             f"{grid_h * STRIDE} x {grid_w * STRIDE} input; expected stride 8: {(grid_h, grid_w)}")
+        return pair_affinities(embedding, radius)[0]
+
+
+def walk_seeds(seeds: np.ndarray, cfg: PSAConfig) -> Tensor:
+    """Seeds [k, H, W] -> the walk's start [k + 1, ceil(H/8), ceil(W/8)]: the background channel
+    (``cfg.infer_background``) at full resolution first, then zero-padded and pooled (:func:`pool_to_stride`)."""
+    if cfg.infer_background == "power":
+        background = power_background(seeds, cfg.infer_alpha)
+    else:
+        background = np.full(seeds.shape[1:], cfg.infer_threshold, np.float32)
+    return pool_to_stride(torch.from_numpy(np.concatenate([background[None], seeds])))
+
+
 def infer_mask(image: np.ndarray, seeds: np.ndarray, classes: Sequence[int], model: nn.Module,
                cfg: PSAConfig) -> np.ndarray:
     """uint8 image [H, W, 3], seeds [k, H, W] of ``classes`` and an AffinityNet -> uint8 mask [H, W].
 
-    infer_aff.py, step by step: the normalised image is zero-padded to multiples of 8 and embedded
-    (``model(x)`` -> [1, D, H/8, W/8]); the seeds get their background channel (``cfg.infer_background``)
-    at full resolution, are zero-padded and pooled to stride 8 (:func:`pool_to_stride`); the walk
-    propagates them (:func:`random_walk`); the result is upsampled bilinearly (align_corners=False,
-    PyTorch >= 0.4's ``nn.Upsample`` default, the version PSA names) to the padded size, cropped to
-    H x W and argmax'd. Values: 0 background or the ids in ``classes``.
+    infer_aff.py, step by step: the image's affinities (:func:`image_affinities`), the seeds with their
+    background at stride 8 (:func:`walk_seeds`), the walk (:func:`random_walk`), then bilinear upsampling
+    (align_corners=False, PyTorch >= 0.4's ``nn.Upsample`` default, the version PSA names) to the padded
+    size, cropped to H x W, argmax. Values: 0 background or the ids in ``classes``.
     """
     scores, ids = _check_seeds(seeds, classes)
     image = _check_image(image, scores.shape[1:])
     height, width = scores.shape[1:]
     if len(ids) == 0:  # only the background channel: the argmax is background everywhere
         return np.zeros((height, width), np.uint8)
-    if cfg.infer_background == "power":
-        background = power_background(scores, cfg.infer_alpha)
-    else:
-        background = np.full((height, width), cfg.infer_threshold, np.float32)
-    grid_h, grid_w = grid_size(height, width)
-    device = _device_of(model)
-    pixels = F.pad(normalize(image), (0, grid_w * STRIDE - width, 0, grid_h * STRIDE - height))
-    with torch.no_grad():
-        embedding = model(pixels[None].to(device))
-        if tuple(embedding.shape[-2:]) != (grid_h, grid_w):
-            raise ValueError(f"the model's embedding is {tuple(embedding.shape[-2:])} for a "
-                             f"{grid_h * STRIDE} x {grid_w * STRIDE} input; expected stride 8: {(grid_h, grid_w)}")
-        affinity = pair_affinities(embedding, cfg.radius)[0]
-        per_label = torch.from_numpy(np.concatenate([background[None], scores])).to(device)
-        walked = random_walk(pool_to_stride(per_label), affinity, cfg.radius, cfg.beta, cfg.logt)
-        upsampled = F.interpolate(walked[None], size=(grid_h * STRIDE, grid_w * STRIDE), mode="bilinear",
-                                  align_corners=False)[0, :, :height, :width]
-        best = upsampled.argmax(0).cpu().numpy()
-    return np.concatenate([[0], ids]).astype(np.uint8)[best]
+    affinity = image_affinities(image, model, cfg.radius)
+    walked = random_walk(walk_seeds(scores, cfg).to(affinity.device), affinity, cfg.radius, cfg.beta, cfg.logt)
+    grid_h, grid_w = walked.shape[1:]
+    upsampled = F.interpolate(walked[None], size=(grid_h * STRIDE, grid_w * STRIDE), mode="bilinear",
+                              align_corners=False)[0, :, :height, :width]
+    return np.concatenate([[0], ids]).astype(np.uint8)[upsampled.argmax(0).cpu().numpy()]
