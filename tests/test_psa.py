@@ -272,11 +272,14 @@ def test_param_groups_hold_every_trainable_parameter_once_at_psas_multipliers():
     assert by_name["backbone_bias_norm"]["lr"] == pytest.approx(0.2) and by_name["backbone"]["lr"] == 0.1
 
 
-def test_backbone_weights_load_from_a_file_and_freeze_bn_and_stem(tmp_path):
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_backbone_weights_load_from_a_file_and_freeze_bn_and_stem(tmp_path, suffix):
+    from safetensors.torch import save_file
+
     torch.manual_seed(3)
     source = timm.create_model("resnet18")  # a full model: its classifier (fc) is in the file and ignored
-    path = str(tmp_path / "r18.pth")
-    torch.save(source.state_dict(), path)
+    path = str(tmp_path / f"r18.{suffix}")
+    (torch.save if suffix == "pth" else save_file)(source.state_dict(), path)
     model = AffinityNet("resnet18", path)
     for key, value in model.backbone.state_dict().items():
         torch.testing.assert_close(value, source.state_dict()[key], msg=key)
