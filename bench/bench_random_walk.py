@@ -35,7 +35,7 @@ def peak_rss_mb() -> float:
 def scenes(count: int) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
     """(image, seeds, classes) of synthetic scenes resized to 500 x 375, seeds = blurred ground truth."""
     from bench_crf import blurred_seeds  # bench/ is this script's directory; imported here: it imports Ray
-    from ray_wsss.data.synthetic import SyntheticConfig, render_scene
+    from ray_wsss.core.data.synthetic import SyntheticConfig, render_scene
 
     cfg = SyntheticConfig(num_train=count, min_size=320, max_size=512)
     rng = np.random.default_rng(0)
@@ -124,7 +124,7 @@ def per_image(images: list, backbone: str, logt: int) -> dict:
 
     from ray_wsss.core.models.affinitynet import AffinityNet
     from ray_wsss.core.refine import psa
-    from ray_wsss.refine.crf import LabellingConfig, make_mask
+    from ray_wsss.core.refine.crf import LabellingConfig, make_mask
 
     torch.set_num_threads(1)
     cfg = psa.PSAConfig(logt=logt, backbone=backbone)

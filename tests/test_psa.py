@@ -87,7 +87,7 @@ def test_the_crf_takes_a_seed_spilling_past_an_edge_out_of_the_confident_foregro
 
 def test_the_crf_parameters_are_psas():
     """psa.affinity_labels uses CRFConfig()'s pairwise terms; they must stay those of PSA's crf_inference."""
-    from ray_wsss.refine.crf import CRFConfig
+    from ray_wsss.core.refine.crf import CRFConfig
 
     cfg = CRFConfig()
     assert (cfg.gaussian_sxy, cfg.gaussian_compat, cfg.bilateral_sxy, cfg.bilateral_srgb, cfg.bilateral_compat,

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ray_wsss.data.augment import normalize
-from ray_wsss.schema import IGNORE_INDEX
+from ray_wsss.core.data.augment import normalize
+from ray_wsss.core.schema import IGNORE_INDEX
 
 STRIDE = 8  # the feature stride: labels, affinities and the walk live on the ceil(H/8) x ceil(W/8) grid
 BACKGROUND_MODES = ("power", "threshold")
@@ -254,7 +254,7 @@ def affinity_labels(seeds: np.ndarray, classes: Sequence[int], cfg: PSAConfig,
     def labelling(alpha: float) -> np.ndarray:
         per_label = np.concatenate([power_background(scores, alpha)[None], scores])
         if cfg.label_crf and len(scores):  # with no class the CRF has one label and nothing to decide
-            from ray_wsss.refine import crf  # lazily: pydensecrf only where a CRF runs
+            from ray_wsss.core.refine import crf  # lazily: pydensecrf only where a CRF runs
             per_label = crf.dense_crf(image, per_label, crf.CRFConfig())
         return pool_to_stride(torch.from_numpy(per_label)).argmax(0).numpy()
 
