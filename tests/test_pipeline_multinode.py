@@ -23,6 +23,7 @@ from ray_wsss.core import commit
 from ray_wsss.stages.pipeline import PipelineConfig
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.core import checkpoints
+from ray_wsss.harness import training
 
 # Nine stages, each with its own Ray Data / Ray Train start-up on three nodes' cold worker pools: about
 # 6 minutes on the 2-core CI machine under load, so more than the suite's default 600 s timeout to spare.
@@ -106,8 +107,8 @@ def test_pipeline_on_pools_from_s3_then_rerun_skips(pool_cluster, s3_bucket, s3_
     for trained in ("train", "deeplab"):
         assert commit.is_committed(cfg.uri(trained), opts)
         ckpt = storage.read_json(storage.join(cfg.uri(trained), "summary.json"), opts)["checkpoint"]
-        assert ckpt.startswith(s3_bucket) and storage.exists(storage.join(ckpt, checkpoints.MODEL_FILE), opts)
-        assert checkpoints.find_checkpoint(cfg.uri(trained), opts) == ckpt
+        assert ckpt.startswith(s3_bucket) and storage.exists(storage.join(ckpt, checkpoints.WEIGHTS_FILE), opts)
+        assert training.find_checkpoint(cfg.uri(trained), opts) == ckpt
 
     seeds = _committed_rows(cfg.uri("seeds"), "seeds", opts)
     assert sorted(r["image_id"] for r in seeds) == sorted(split_ids["train"] | split_ids["val"])

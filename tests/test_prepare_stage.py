@@ -1,4 +1,5 @@
 """The prepare stage end to end on Ray Data: VOC (local and S3), COCO-mini, synthetic, bad input."""
+import os
 import json
 import shutil
 
@@ -120,15 +121,27 @@ def test_coco_mini_all_images_and_orphans(tmp_path):
 
 def test_synthetic_rerun_is_skipped_and_resume_finishes_missing(tmp_path):
     out = str(tmp_path / "syn")
-    cfg = PrepareConfig(out=out, num_train=12, num_val=4, batch_size=4)
+    cfg = PrepareConfig(out=out, num_train=12, num_val=4, batch_size=4, rows_per_file=5)
     first = run(cfg)
     assert first["by_split"] == {"train": 12, "val": 4} and not first["skipped"]
+    assert commit.file_splits(out, "samples") == {"train-00000.parquet": "train", "train-00001.parquet": "train",
+                                                  "train-00002.parquet": "train", "val-00000.parquet": "val"}
     assert run(cfg)["skipped"]
 
-    # A crash after part of the work was staged: only the staged part survives, uncommitted.
+    # A crash after one file was staged (and one was cut short): the rerun makes only what is missing.
     other = str(tmp_path / "crashed")
-    done = commit.read_table(out, "samples").slice(0, 5)
-    commit.write_staged_table(other, "samples", done)
-    resumed = run(PrepareConfig(out=other, num_train=12, num_val=4, batch_size=4))
+    staged = storage.join(commit.staging_uri(other, "samples"), "train-00001.parquet")
+    storage.write_bytes(staged, storage.read_bytes(storage.join(out, "samples", "train-00001.parquet")))
+    storage.write_bytes(storage.join(commit.staging_uri(other, "samples"), "train-00002.parquet"), b"PAR1 cut short")
+    before = os.path.getmtime(staged)
+    resumed = run(PrepareConfig(out=other, num_train=12, num_val=4, batch_size=4, rows_per_file=5))
     ids = commit.read_table(other, "samples").column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 16 and resumed["rows"] == 16
+    assert os.path.getmtime(storage.join(other, "samples", "train-00001.parquet")) == before  # not redone
+
+    # Staged files of a run planned differently are never mixed in.
+    third = str(tmp_path / "replanned")
+    storage.write_bytes(storage.join(commit.staging_uri(third, "samples"), "train-00001.parquet"),
+                        storage.read_bytes(storage.join(out, "samples", "train-00001.parquet")))
+    with pytest.raises(WsssError, match="planned differently"):
+        run(PrepareConfig(out=third, num_train=12, num_val=4, rows_per_file=12))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -24,6 +25,7 @@ from ray_wsss.core.models.deeplab import DeepLabConfig, create_deeplab
 from ray_wsss.core.refine.crf import CRFConfig
 from ray_wsss.stages import segment
 from ray_wsss.core import checkpoints
+from ray_wsss.harness import training
 from ray_wsss.stages import train_deeplab
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,20 +40,22 @@ def train_data(ray_local, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def masks_table(train_data, tmp_path_factory) -> str:
-    """A committed masks table over the train split: the ground truth with its top rows set to ignore."""
-    samples = commit.read_table(train_data, "samples", columns=["image_id", "split", "gt_mask"]).to_pylist()
-    rows = []
-    for sample in samples:
-        if sample["split"] != "train":
-            continue
-        mask = codec.decode_mask(sample["gt_mask"]).copy()
-        mask[:4] = schema.IGNORE_INDEX
-        rows.append({"image_id": sample["image_id"], "height": mask.shape[0], "width": mask.shape[1],
-                     "mask": codec.encode_mask(mask)})
+    """A committed masks table over the train split: the ground truth with its top rows set to ignore.
+
+    One masks file per samples file of the split, of the same name and order, as make_masks writes them.
+    """
     out = str(tmp_path_factory.mktemp("masks"))
-    commit.write_staged_table(out, "masks", pa.Table.from_pylist(rows, schema=schema.MASKS))
+    splits = {name: split for name, split in commit.file_splits(train_data, "samples").items() if split == "train"}
+    for name in splits:
+        rows = []
+        for sample in pq.read_table(storage.join(train_data, "samples", name)).to_pylist():
+            mask = codec.decode_mask(sample["gt_mask"]).copy()
+            mask[:4] = schema.IGNORE_INDEX
+            rows.append({"image_id": sample["image_id"], "height": mask.shape[0], "width": mask.shape[1],
+                         "mask": codec.encode_mask(mask)})
+        commit.write_staged_table(out, "masks", pa.Table.from_pylist(rows, schema=schema.MASKS), name=name)
     commit.write_staged_table(out, "errors", schema.ERRORS.empty_table())
-    commit.commit_stage(out, ["masks", "errors"], {"table": "masks"})
+    commit.commit_stage(out, ["masks", "errors"], {"table": "masks"}, file_splits=splits)
     return out
 
 
@@ -131,9 +135,10 @@ def test_segment_image_keeps_a_non_square_image_size():
 
 
 def test_segmenter_refuses_a_classifier_checkpoint(tmp_path):
-    torch.save({"method": "acr", "class_names": ["background", "a"], "model": {}}, tmp_path / checkpoints.MODEL_FILE)
+    checkpoints.write_checkpoint_dir(str(tmp_path), {"w": torch.zeros(1)},
+                                     {"method": "acr", "class_names": ["background", "a"], "model_config": {}})
     with pytest.raises(WsssError, match="holds a 'acr' checkpoint, not a DeepLab one"):
-        train_deeplab.load_segmenter(str(tmp_path), None, torch.device("cpu"))
+        checkpoints.load_segmenter(str(tmp_path), None, torch.device("cpu"))
 
 
 def test_job_flags_fill_the_configs():
@@ -163,13 +168,12 @@ def test_job_flags_fill_the_configs():
 def test_training_records_count_the_join_or_use_the_ground_truth(train_data, masks_table, tmp_path):
     from_masks = train_deeplab.TrainDeepLabConfig(masks=masks_table, data=train_data, out=str(tmp_path))
     from_gt = train_deeplab.TrainDeepLabConfig(gt_masks=True, data=train_data, out=str(tmp_path))
-    by_split = {"train": NUM_TRAIN, "val": NUM_VAL}
-    assert train_deeplab.count_training_rows(from_masks, by_split) == NUM_TRAIN
-    assert train_deeplab.count_training_rows(from_gt, by_split) == NUM_TRAIN
+    assert train_deeplab.count_training_rows(from_masks) == NUM_TRAIN
+    assert train_deeplab.count_training_rows(from_gt) == NUM_TRAIN
     other_split = train_deeplab.TrainDeepLabConfig(masks=masks_table, data=train_data, out=str(tmp_path), train_split="val")
-    assert train_deeplab.count_training_rows(other_split, by_split) == 0  # the masks cover train only
+    assert train_deeplab.count_training_rows(other_split) == 0  # the masks cover train only
 
-    # The join itself runs in the DDP test below; the ground-truth path is a plain column rename.
+    # The file-by-file pairing runs in the DDP test below; the ground-truth path is a plain column rename.
     samples = {r["image_id"]: r for r in commit.read_table(train_data, "samples").to_pylist() if r["split"] == "train"}
     rows = train_deeplab.training_records(from_gt).take_all()
     assert sorted(r["image_id"] for r in rows) == sorted(samples)
@@ -189,7 +193,8 @@ def test_two_worker_ddp_training_on_the_masks_table(deeplab_run, masks_table):
     cfg, summary = deeplab_run
     assert summary["stage"] == "deeplab" and summary["epochs"] == 1 and summary["masks"] == masks_table
     assert summary["train_images"] == NUM_TRAIN
-    assert set(summary["losses"]) == {"ce"} and math.isfinite(summary["losses"]["ce"]) and summary["losses"]["ce"] > 0
+    assert set(summary["losses"]) == {"ce", "total"} and summary["losses"]["total"] == summary["losses"]["ce"]
+    assert math.isfinite(summary["losses"]["ce"]) and summary["losses"]["ce"] > 0
     assert 0.0 <= summary["val"]["miou"] <= 1.0 and 0.0 <= summary["val"]["pixel_acc"] <= 1.0
 
     rows = read_metrics(cfg.out)
@@ -200,10 +205,10 @@ def test_two_worker_ddp_training_on_the_masks_table(deeplab_run, masks_table):
     assert rows[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
     ckpt = summary["checkpoint"]
-    assert ckpt.startswith(os.path.join(cfg.out, cfg.name) + os.sep) and checkpoints.find_checkpoint(cfg.out) == ckpt
+    assert ckpt.startswith(os.path.join(cfg.out, cfg.name) + os.sep) and training.find_checkpoint(cfg.out) == ckpt
     meta = json.loads((Path(ckpt) / checkpoints.META_FILE).read_text())
     assert meta["method"] == "deeplab" and meta["epoch"] == 1 and meta["model_config"]["backbone"] == "resnet18"
-    state = checkpoints.load_state(ckpt)
+    state = torch.load(Path(ckpt) / checkpoints.TRAIN_STATE_FILE, weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert [g["name"] for g in groups] == ["backbone", "head"]
     assert all(g["momentum"] == cfg.momentum and g["weight_decay"] == cfg.weight_decay for g in groups)
@@ -235,7 +240,7 @@ def test_segment_stage_writes_image_sized_masks_that_evaluate_scores(segment_run
     assert abs(sheet.size[0] / sheet.size[1] - 3 / rows_shown) < 0.1, sheet.size
 
     scored = evaluate(EvaluateConfig(pred=cfg.out, data=train_data, kind="masks"))
-    assert scored["images"] == NUM_VAL and scored["size_mismatches"] == []
+    assert scored["images"] == NUM_VAL and scored["errors"] == 0
     assert 0.0 <= scored["miou"] <= 1.0
 
     again = segment.run(cfg)  # committed: left as it is

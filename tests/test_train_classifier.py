@@ -17,6 +17,7 @@ from fixtures_train import NUM_TRAIN, TINY, read_metrics, tiny_config, tiny_data
 from ray_wsss.core import storage
 from ray_wsss.core import commit
 from ray_wsss.core import checkpoints
+from ray_wsss.harness import training
 from ray_wsss.stages import train_acr
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -68,13 +69,14 @@ def test_two_worker_ddp_run(ddp_run):
 
     ckpt = summary["checkpoint"]
     assert ckpt.startswith(os.path.join(cfg.out, cfg.name) + os.sep)
-    assert {checkpoints.MODEL_FILE, checkpoints.META_FILE} <= set(os.listdir(ckpt))
-    assert checkpoints.find_checkpoint(cfg.out) == ckpt
+    assert {checkpoints.WEIGHTS_FILE, checkpoints.META_FILE} <= set(os.listdir(ckpt))
+    assert training.find_checkpoint(cfg.out) == ckpt
     meta = json.loads((Path(ckpt) / checkpoints.META_FILE).read_text())
     assert meta["epoch"] == 2 and meta["method"] == "acr"
     assert meta["model_config"]["depth"] == 2 and meta["model_config"]["embed_dim"] == 64
     state = checkpoints.load_state(ckpt)
-    assert state["epoch"] == 1 and len(state["history"]) == 2
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert checkpoints.TRAIN_STATE_FILE in os.listdir(ckpt) and "model.pt" not in os.listdir(ckpt)
     assert json.loads((Path(cfg.out) / "summary.json").read_text()) == summary
 
 
@@ -97,7 +99,7 @@ def test_rerun_with_the_same_name_resumes(ddp_run, tmp_path, capfd):
     rows = read_metrics(out)
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert rows[:2] == first_rows  # restored history, not retrained (epoch_seconds would differ)
-    assert checkpoints.load_state(summary["checkpoint"])["epoch"] == 2
+    assert checkpoints.load_state(summary["checkpoint"])["epoch"] == 3
 
 
 def test_job_cli_with_yaml_config_trains_the_baseline(train_data, tmp_path, ray_local):
@@ -127,7 +129,7 @@ def test_job_cli_with_yaml_config_trains_the_baseline(train_data, tmp_path, ray_
     assert summary["losses"]["total"] == pytest.approx(summary["losses"]["cls"])
     assert {"map", "f1"} <= set(summary["val"])
 
-    ckpt = checkpoints.find_checkpoint(str(out))
+    ckpt = training.find_checkpoint(str(out))
     assert ckpt == summary["checkpoint"]
     meta = json.loads((Path(ckpt) / checkpoints.META_FILE).read_text())
     assert meta["method"] == "baseline"
@@ -145,8 +147,8 @@ def test_train_to_and_from_s3(train_data, s3_bucket):
 
     ckpt = summary["checkpoint"]
     assert ckpt.startswith(f"{out}/{cfg.name}/")
-    assert checkpoints.find_checkpoint(out) == ckpt
-    for name in (checkpoints.MODEL_FILE, checkpoints.META_FILE):
+    assert training.find_checkpoint(out) == ckpt
+    for name in (checkpoints.WEIGHTS_FILE, checkpoints.META_FILE):
         assert storage.exists(storage.join(ckpt, name))
     assert storage.read_json(storage.join(ckpt, checkpoints.META_FILE))["epoch"] == 1
     assert checkpoints.load_state(ckpt)["method"] == "acr"

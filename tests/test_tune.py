@@ -15,6 +15,7 @@ from ray_wsss.stages.prepare_data import PrepareConfig
 from ray_wsss.stages.prepare_data import run as prepare
 from ray_wsss.stages.extract_seeds import ExtractSeedsConfig
 from ray_wsss.core import checkpoints
+from ray_wsss.harness import training
 from ray_wsss.stages.train_acr import TrainClassifierConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def test_sweep_reports_epochs_and_seed_miou(sweep):
     # Each trial's own Train run under the sweep's out, named after the trial; the best one's checkpoint.
     for row in rows:
         assert (Path(cfg.out) / "trials" / row["trial"] / "train" / row["trial"]).is_dir()
-    assert Path(checkpoints.find_checkpoint(best["checkpoint"]), checkpoints.MODEL_FILE).is_file()
+    assert Path(training.find_checkpoint(best["checkpoint"]), checkpoints.WEIGHTS_FILE).is_file()
 
 
 @pytest.mark.slow

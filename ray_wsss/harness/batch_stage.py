@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -79,6 +80,11 @@ class FileTask:
     paired: tuple[tuple[str, str], ...] = ()
     records: tuple[dict[str, Any], ...] = ()
 
+    def fingerprint(self) -> str:
+        """What the file is made from: its inputs, or its records' ids."""
+        ids = [str(r.get("image_id")) for r in self.records]
+        return hashlib.sha1(json.dumps([self.primary, list(self.paired), ids]).encode()).hexdigest()[:16]
+
 
 class Worker(Protocol):
     """A stage's per-actor worker, built as ``worker_class(cfg, *worker_args)``.
@@ -140,7 +146,9 @@ def run(cfg: StageConfig, name: str, build: Callable[[], BatchStage]) -> dict[st
         raise WsssError(f"[{name}] every one of the {errors} input records failed, so nothing would be committed "
                         f"to {cfg.out}; first reasons: {first_errors(cfg.out, cfg.storage)}")
     late.update(stage.after_tasks() if stage.after_tasks else {})
-    summary = commit_tables(cfg.out, stage.table, {**stage.metadata, **late},
+    metadata = {**stage.metadata, **late}
+    metadata["counts"] = {**metadata.get("counts", {}), "errors": errors}
+    summary = commit_tables(cfg.out, stage.table, metadata,
                             {**stage.summary, **late, "seconds": timer.seconds()}, cfg.storage,
                             file_splits=stage.file_splits)
     if stage.contact_sheet is not None:
@@ -166,14 +174,19 @@ def map_tasks(cfg: StageConfig, stage: BatchStage, tasks: Sequence[FileTask]) ->
 
 
 def _check_plan(cfg: StageConfig, stage: BatchStage) -> None:
-    """Staged files of an earlier run must be files this run would make, or the commit would mix two plans."""
+    """Staged files of an earlier run must be files this run would make from the same inputs, or the commit
+    would mix two plans; the plan (each file's fingerprint) is kept in the staging area for the next rerun."""
     staging = commit.staging_uri(cfg.out, stage.table)
-    planned = {t.name for t in stage.tasks}
-    foreign = sorted(set(storage.list_files(staging, cfg.storage, suffix=".parquet")) - planned)
+    plan_uri = storage.join(cfg.out, commit.STAGING_DIR, f"{stage.table}.plan.json")
+    planned = {t.name: t.fingerprint() for t in stage.tasks}
+    earlier = storage.read_json(plan_uri, cfg.storage) if storage.exists(plan_uri, cfg.storage) else {}
+    staged = storage.list_files(staging, cfg.storage, suffix=".parquet")
+    foreign = sorted(n for n in staged if n not in planned or earlier.get(n, planned[n]) != planned[n])
     if foreign:
         raise WsssError(f"{staging} holds files an earlier, unfinished run planned differently ({foreign[:3]}"
-                        f"{' ...' if len(foreign) > 3 else ''}: another split, listing or --rows-per-file?); "
+                        f"{' ...' if len(foreign) > 3 else ''}: other inputs, splits or --rows-per-file?); "
                         "rerun with the same settings to resume it, or pass --overwrite to start over")
+    storage.write_json(plan_uri, {**earlier, **planned}, cfg.storage)
 
 
 def begin(out: str, stage: str, overwrite: bool, options: StorageOptions | None) -> dict[str, Any] | None:
@@ -191,11 +204,9 @@ def begin(out: str, stage: str, overwrite: bool, options: StorageOptions | None)
 def commit_tables(out: str, table: str | None, metadata: dict[str, Any], summary: dict[str, Any],
                   options: StorageOptions | None, file_splits: dict[str, str] | None = None) -> dict[str, Any]:
     """Commit ``table`` + errors with dataset.json and summary.json (rows and errors counted from the files)."""
-    metadata.setdefault("counts", {})
     final: dict[str, Any] = {}
 
     def make_summary(manifest: dict) -> dict:
-        metadata["counts"]["errors"] = manifest["tables"]["errors"]["rows"]
         if table is not None:
             final["rows"] = manifest["tables"][table]["rows"]
         final.update(summary, errors=manifest["tables"]["errors"]["rows"], skipped=False)
@@ -402,12 +413,6 @@ def write_errors(out: str, name: str, stage: str, failures: list[tuple[str, str]
     write_table_file(commit.staging_uri(out, "errors"), base, table, options)
     for image_id, reason in failures[:20]:
         log.warning("[%s] %s: %s", stage, image_id, reason)
-
-
-def content_name(prefix: str, ids: Sequence[str]) -> str:
-    """A file name that depends only on the ids it holds (stable across reruns of the same listing)."""
-    digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
-    return f"{prefix}-{digest}.parquet"
 
 
 class Timer:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import sys
 import tempfile
 import time
@@ -266,6 +267,9 @@ def fit(cfg: TrainingConfig, task: type, loop_config: dict[str, Any], train_ds, 
         callbacks: list | None = None) -> tuple[str, dict[str, Any]]:
     """Run the loop on Ray Train (resuming run ``cfg.name`` if it exists); -> (last checkpoint path, its metrics)."""
     storage_fs, storage_path = storage.resolve(cfg.out, cfg.storage)
+    previous = _run_checkpoint(cfg, storage_fs, posixpath.join(storage_path, cfg.name))
+    if previous:
+        print(f"[{tag}] run {cfg.name!r} exists: resuming from checkpoint {previous}", flush=True)
     val_files = split_files(cfg.held_out_data(), cfg.val_split, cfg.storage)
     if cfg.val_split and not val_files:
         print(f"[{tag}] no {cfg.val_split!r} split in {cfg.held_out_data()}: training without held-out metrics "
@@ -285,6 +289,15 @@ def fit(cfg: TrainingConfig, task: type, loop_config: dict[str, Any], train_ds, 
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.name!r} finished without a checkpoint")
     return result.checkpoint.path, dict(result.metrics or {})
+
+
+def _run_checkpoint(cfg: TrainingConfig, fs: pafs.FileSystem, run_path: str) -> str | None:
+    """The latest checkpoint Ray Train recorded for this run, or None for a new run."""
+    try:
+        result = ray.train.Result.from_path(run_path, storage_filesystem=fs)
+    except RuntimeError:  # no such run yet
+        return None
+    return checkpoint_uri_for(cfg.out, result.checkpoint.path) if result.checkpoint else None
 
 
 def finish(cfg: TrainingConfig, checkpoint_path: str, started: float, fields: dict[str, Any]) -> dict[str, Any]:
