@@ -26,12 +26,11 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ray_wsss.core import codec, schema, storage  # noqa: E402
-from ray_wsss.core import commit
-from ray_wsss.stages.prepare_data import PrepareConfig  # noqa: E402
-from ray_wsss.stages.prepare_data import run as prepare  # noqa: E402
-from ray_wsss.stages.make_masks import MakeMasksConfig, make_mask  # noqa: E402
-from ray_wsss.stages.make_masks import run as make_masks  # noqa: E402
+from ray_wsss.core import codec, commit, schema, storage
+from ray_wsss.stages.make_masks import MakeMasksConfig, make_mask
+from ray_wsss.stages.make_masks import run as make_masks
+from ray_wsss.stages.prepare_data import PrepareConfig
+from ray_wsss.stages.prepare_data import run as prepare
 
 
 def blurred_seeds(gt: np.ndarray, labels: list[int], rng: np.random.Generator) -> np.ndarray:

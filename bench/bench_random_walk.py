@@ -35,6 +35,7 @@ def peak_rss_mb() -> float:
 def scenes(count: int) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
     """(image, seeds, classes) of synthetic scenes resized to 500 x 375, seeds = blurred ground truth."""
     from bench_crf import blurred_seeds  # bench/ is this script's directory; imported here: it imports Ray
+
     from ray_wsss.core.data.synthetic import SyntheticConfig, render_scene
 
     cfg = SyntheticConfig(num_train=count, min_size=320, max_size=512)

@@ -30,17 +30,16 @@ import pyarrow.compute as pc
 import ray
 import torch
 
-from ray_wsss.core import storage
-from ray_wsss.core import commit
+from ray_wsss.core import commit, storage
 from ray_wsss.core.data.augment import ClassifierTransform
-from ray_wsss.stages.prepare_data import PrepareConfig
-from ray_wsss.stages.prepare_data import run as prepare
+from ray_wsss.core.methods import get_method
 from ray_wsss.core.methods.acr import ACRLossConfig
 from ray_wsss.core.methods.views import random_view
-from ray_wsss.core.methods import get_method
-from ray_wsss.stages import train_acr
-from ray_wsss.stages.train_acr import TrainClassifierConfig, TrainStep, evaluate_classifier
 from ray_wsss.core.optim import build_optimizer, poly_schedule
+from ray_wsss.stages import train_acr
+from ray_wsss.stages.prepare_data import PrepareConfig
+from ray_wsss.stages.prepare_data import run as prepare
+from ray_wsss.stages.train_acr import TrainClassifierConfig, TrainStep, evaluate_classifier
 
 
 class _SplitBatches(torch.utils.data.Dataset):

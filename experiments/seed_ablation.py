@@ -21,17 +21,14 @@ import time
 import numpy as np
 import ray
 
-from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV
-from ray_wsss.core import codec, metrics, storage
-from ray_wsss.stages import evaluate
-from ray_wsss.core import commit
-from ray_wsss.stages import prepare_data
+from ray_wsss.core import codec, commit, metrics, storage
 from ray_wsss.core.methods import get_method
+from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV
+from ray_wsss.stages import evaluate, prepare_data
 
 FROM_SCRATCH_WEIGHT = get_method("acr").default_consistency(pretrained=False)
-from ray_wsss.stages import extract_seeds
 from ray_wsss.core import checkpoints
-from ray_wsss.stages import train_acr
+from ray_wsss.stages import extract_seeds, train_acr
 
 # label -> (method, alpha, beta); None = the method's default weights
 VARIANTS = {

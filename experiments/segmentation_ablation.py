@@ -19,14 +19,10 @@ import time
 
 import ray
 
-from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV
+from ray_wsss.core import commit, storage
 from ray_wsss.core import config as config_lib
-from ray_wsss.core import storage
-from ray_wsss.stages import evaluate
-from ray_wsss.core import commit
-from ray_wsss.stages import make_masks
-from ray_wsss.stages import segment
-from ray_wsss.stages import train_deeplab
+from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV
+from ray_wsss.stages import evaluate, make_masks, segment, train_deeplab
 
 
 def scored(pred: str, data: str, kind: str, split: str) -> dict:

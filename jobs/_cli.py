@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from ray_wsss.core import config as config_lib  # noqa: E402
-from ray_wsss.core.storage import StorageOptions  # noqa: E402
+from ray_wsss.core import config as config_lib
+from ray_wsss.core.storage import StorageOptions
 
 T = TypeVar("T")
 

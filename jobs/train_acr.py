@@ -10,8 +10,7 @@ Rerunning with the same --out and --name resumes from the newest checkpoint.
 import _cli
 
 from ray_wsss.core import commit
-from ray_wsss.stages import prepare_data
-from ray_wsss.stages import train_acr
+from ray_wsss.stages import prepare_data, train_acr
 
 if __name__ == "__main__":
     cfg = _cli.parse_config(train_acr.TrainClassifierConfig, __doc__)

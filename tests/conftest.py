@@ -71,7 +71,7 @@ def start_local_ray(attempts: int = 3, **kwargs):
     for attempt in range(1, attempts + 1):
         try:
             return ray.init(**kwargs)
-        except Exception:  # noqa: BLE001 - "The current node timed out during startup"
+        except Exception:
             ray.shutdown()
             if attempt == attempts:
                 raise

@@ -3,16 +3,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ray_wsss.core import codec, schema, storage
-from ray_wsss.core import commit
-from ray_wsss.stages.prepare_data import PrepareConfig
-from ray_wsss.stages.prepare_data import run as prepare
+from ray_wsss.core import codec, commit, schema, storage
 from ray_wsss.stages.evaluate import EvaluateConfig
 from ray_wsss.stages.evaluate import run as evaluate
-from ray_wsss.stages.make_masks import MakeMasksConfig
-from ray_wsss.stages.make_masks import run as make_masks
 from ray_wsss.stages.extract_seeds import ExtractSeedsConfig
 from ray_wsss.stages.extract_seeds import run as extract_seeds
+from ray_wsss.stages.make_masks import MakeMasksConfig
+from ray_wsss.stages.make_masks import run as make_masks
+from ray_wsss.stages.prepare_data import PrepareConfig
+from ray_wsss.stages.prepare_data import run as prepare
 from ray_wsss.stages.train_acr import TrainClassifierConfig
 from ray_wsss.stages.train_acr import run as train
 

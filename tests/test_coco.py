@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from fixtures_data import coco_mini_dir
 from PIL import Image
 
-from fixtures_data import coco_mini_dir
 from ray_wsss.core import codec
 from ray_wsss.core.data.coco import CocoSource
 from ray_wsss.core.errors import RecordError, WsssError

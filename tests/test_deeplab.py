@@ -10,8 +10,8 @@ import torch.nn as nn
 import torchvision
 
 from ray_wsss.core.errors import WsssError
-from ray_wsss.core.models.deeplab import ASPP_RATES, DeepLabConfig, DeepLabV2, create_deeplab, output_size
 from ray_wsss.core.inference import IMAGENET_MEAN, IMAGENET_STD, normalize_image, predict_probs
+from ray_wsss.core.models.deeplab import ASPP_RATES, DeepLabConfig, DeepLabV2, create_deeplab, output_size
 
 NUM_CLASSES = 5
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from ray_wsss.core.errors import WsssError
+from ray_wsss.core.methods import MapOptions, get_method
 from ray_wsss.core.methods.acr import ACRLossConfig
 from ray_wsss.core.methods.mct import mct_acr_losses, mct_losses
 from ray_wsss.core.methods.views import View
-from ray_wsss.core.methods import MapOptions, get_method
 from ray_wsss.core.models.mctformer import MCTformer, MCTOutput, create_mctformer
 from ray_wsss.core.models.vit import ViTConfig
 from ray_wsss.core.seeds.mct_maps import MCTMapConfig, maps_from_output, mct_class_maps

@@ -1,6 +1,5 @@
 """The pipeline's wiring, without running it (the multi-node test runs it end to end)."""
-from ray_wsss.stages import pipeline
-from ray_wsss.stages import extract_seeds
+from ray_wsss.stages import extract_seeds, pipeline
 
 
 def test_stages_in_order_under_out():

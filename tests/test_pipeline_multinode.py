@@ -17,13 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from ray_wsss.stages import pipeline
-from ray_wsss.core import storage
-from ray_wsss.core import commit
-from ray_wsss.stages.pipeline import PipelineConfig
+from ray_wsss.core import checkpoints, commit, storage
 from ray_wsss.core.storage import StorageOptions
-from ray_wsss.core import checkpoints
 from ray_wsss.harness import training
+from ray_wsss.stages import pipeline
+from ray_wsss.stages.pipeline import PipelineConfig
 
 # Nine stages, each with its own Ray Data / Ray Train start-up on three nodes' cold worker pools: about
 # 6 minutes on the 2-core CI machine under load, so more than the suite's default 600 s timeout to spare.

@@ -1,16 +1,15 @@
 """The prepare stage end to end on Ray Data: VOC (local and S3), COCO-mini, synthetic, bad input."""
-import os
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
-
 from fixtures_data import make_voc_tree
-from ray_wsss.core import codec, storage
-from ray_wsss.core import commit
-from ray_wsss.stages.prepare_data import PrepareConfig, run
+
+from ray_wsss.core import codec, commit, storage
 from ray_wsss.core.errors import TooManyErrorsError, WsssError
+from ray_wsss.stages.prepare_data import PrepareConfig, run
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ray_wsss.core.models.vit import AttentionViT, ViTConfig
 from ray_wsss.core.methods import get_method
+from ray_wsss.core.models.vit import AttentionViT, ViTConfig
 from ray_wsss.core.seeds.acr_maps import GRAD_STRATEGIES, ACRMapConfig, class_maps, naive_class_maps
 from ray_wsss.core.seeds.tta import TTAConfig, minmax_per_class, scaled_size
 

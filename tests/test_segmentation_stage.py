@@ -12,21 +12,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures_train import NUM_TRAIN, NUM_VAL, read_metrics, tiny_data
 from PIL import Image
 
-from fixtures_train import NUM_TRAIN, NUM_VAL, read_metrics, tiny_data
-from ray_wsss.core import codec, schema, storage
-from ray_wsss.core import commit
+from ray_wsss.core import checkpoints, codec, commit, schema, storage
 from ray_wsss.core.data.seg_augment import SegmentationTransform
 from ray_wsss.core.errors import RecordError, WsssError
-from ray_wsss.stages.evaluate import EvaluateConfig
-from ray_wsss.stages.evaluate import run as evaluate
 from ray_wsss.core.models.deeplab import DeepLabConfig, create_deeplab
 from ray_wsss.core.refine.crf import CRFConfig
-from ray_wsss.stages import segment
-from ray_wsss.core import checkpoints
 from ray_wsss.harness import training
-from ray_wsss.stages import train_deeplab
+from ray_wsss.stages import segment, train_deeplab
+from ray_wsss.stages.evaluate import EvaluateConfig
+from ray_wsss.stages.evaluate import run as evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # resnet18 on 48 px crops, batches of 4: Ray's start-up dominates a step.

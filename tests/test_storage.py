@@ -1,8 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from ray_wsss.core import schema, storage
-from ray_wsss.core import commit
+from ray_wsss.core import commit, schema, storage
 from ray_wsss.core.errors import StageNotCommittedError, WsssError
 
 

@@ -11,12 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures_train import NUM_TRAIN, TINY, read_metrics, tiny_config, tiny_data, worker_lines
 from PIL import Image
 
-from fixtures_train import NUM_TRAIN, TINY, read_metrics, tiny_config, tiny_data, worker_lines
-from ray_wsss.core import storage
-from ray_wsss.core import commit
-from ray_wsss.core import checkpoints
+from ray_wsss.core import checkpoints, commit, storage
 from ray_wsss.harness import training
 from ray_wsss.stages import train_acr
 

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures_train import controller_messages, read_metrics, tiny_config, tiny_data, train_worker_pids, worker_lines
 
-from fixtures_train import (controller_messages, read_metrics, tiny_config, tiny_data, train_worker_pids,
-                            worker_lines)
 from ray_wsss.stages import train_acr
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -54,7 +53,7 @@ def test_killed_worker_resumes_from_last_checkpoint(train_data, tmp_path):
     def train() -> None:
         try:
             result["summary"] = train_acr.run(cfg)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the test thread
+        except BaseException as err:
             result["error"] = err
 
     thread = threading.Thread(target=train, daemon=True)

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ray_wsss.core import checkpoints
 from ray_wsss.core import config as config_lib
+from ray_wsss.harness import training
 from ray_wsss.stages import tune_acr
+from ray_wsss.stages.extract_seeds import ExtractSeedsConfig
 from ray_wsss.stages.prepare_data import PrepareConfig
 from ray_wsss.stages.prepare_data import run as prepare
-from ray_wsss.stages.extract_seeds import ExtractSeedsConfig
-from ray_wsss.core import checkpoints
-from ray_wsss.harness import training
 from ray_wsss.stages.train_acr import TrainClassifierConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fixtures_data import VOC_IDS, make_voc_tree, png_bytes
+
 from ray_wsss.core import codec
 from ray_wsss.core.data import voc
 from ray_wsss.core.errors import RecordError, WsssError

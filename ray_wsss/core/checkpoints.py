@@ -60,7 +60,7 @@ def load_state(checkpoint_uri: str, options: StorageOptions | None = None) -> di
         weights = load_safetensors(storage.read_bytes(storage.join(checkpoint_uri, WEIGHTS_FILE), options))
     except WsssError:
         raise
-    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
+    except Exception as err:
         raise WsssError(f"{checkpoint_uri}/{WEIGHTS_FILE} is not a readable safetensors file: {err}") from err
     meta = storage.read_json(storage.join(checkpoint_uri, META_FILE), options)
     return {**meta, "model": weights}

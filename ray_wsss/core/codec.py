@@ -6,6 +6,7 @@ import io
 import numpy as np
 from PIL import Image
 
+
 # The PASCAL VOC colour map, so masks open in any viewer with the colours people know.
 def _voc_palette() -> list[int]:
     palette = []

@@ -11,14 +11,23 @@ import io
 import posixpath
 import time
 import uuid
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_wsss.core.errors import StageNotCommittedError
-from ray_wsss.core.storage import (StorageOptions, delete, exists, join, list_files, read_json, resolve, write_bytes,
-                                   write_json)
+from ray_wsss.core.storage import (
+    StorageOptions,
+    delete,
+    exists,
+    join,
+    list_files,
+    read_json,
+    resolve,
+    write_bytes,
+    write_json,
+)
 
 SUCCESS_FILE = "_SUCCESS"
 STAGING_DIR = "_staging"
@@ -135,7 +144,7 @@ def readable_staged_files(out: str, table: str, options: StorageOptions | None =
         try:
             pq.read_metadata(resolve(uri, options)[1], filesystem=fs)
             good.append(uri)
-        except Exception:  # noqa: BLE001 - partial file from a crashed writer
+        except Exception:
             delete(uri, options)
     return good
 
@@ -146,7 +155,7 @@ def staged_file_readable(uri: str, options: StorageOptions | None = None) -> boo
     try:
         pq.read_metadata(path, filesystem=fs)
         return True
-    except Exception:  # noqa: BLE001 - missing, or partial from a crashed writer
+    except Exception:
         return False
 
 

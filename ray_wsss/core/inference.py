@@ -1,7 +1,7 @@
 """Multi-scale + flip inference of a segmentation network: fused softmax at the image's size."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -18,7 +18,7 @@ and `refine.crf` all cast to it, so a threshold picked by the sweep gives the sa
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

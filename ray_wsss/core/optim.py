@@ -7,7 +7,7 @@ momentum and weight decay are passed by keyword, each where it belongs.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -16,7 +16,6 @@ import pyarrow.fs as pafs
 from ray_wsss.core.errors import WsssError
 
 
-
 @dataclasses.dataclass(frozen=True)
 class StorageOptions:
     """How to reach an S3-compatible store. Unset fields fall back to the AWS environment."""
@@ -26,7 +25,7 @@ class StorageOptions:
     access_key: str | None = None
     secret_key: str | None = None
 
-    def resolved(self) -> "StorageOptions":
+    def resolved(self) -> StorageOptions:
         env = os.environ
         return StorageOptions(
             endpoint_url=self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
@@ -79,7 +78,7 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     fs, path = resolve(uri, options)
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
-    except Exception as err:  # noqa: BLE001 - unreachable bucket, bad credentials
+    except Exception as err:
         raise _wrap_io_error(uri, "stat", err) from err
 
 
@@ -90,7 +89,7 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
             return f.read()
     except FileNotFoundError as err:
         raise WsssError(f"file not found: {uri}") from err
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise _wrap_io_error(uri, "read", err) from err
 
 
@@ -107,7 +106,7 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         fs.move(tmp, path)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise _wrap_io_error(uri, "write", err) from err
 
 
@@ -125,7 +124,7 @@ def list_files(uri: str, options: StorageOptions | None = None, suffix: str = ""
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
     try:
         infos = fs.get_file_info(selector)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise _wrap_io_error(uri, "list", err) from err
     rel = [posixpath.relpath(i.path, path) if is_s3(uri) else os.path.relpath(i.path, path)
            for i in infos if i.type == pafs.FileType.File]

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless workers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
 
-from ray_wsss.core.codec import VOC_PALETTE  # noqa: E402
+from ray_wsss.core.codec import VOC_PALETTE
 
 
 def learning_curves_png(history: Sequence[dict], keys: Sequence[str] | None = None) -> bytes:

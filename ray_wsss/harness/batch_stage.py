@@ -323,14 +323,14 @@ def _process(worker: Worker, records: list[dict[str, Any]]) -> tuple[list[dict],
     """The worker on a batch; a batch that raises is retried record by record, so one bad record fails alone."""
     try:
         return worker.process(records)
-    except Exception as err:  # noqa: BLE001 - isolate the bad record instead of failing the batch
+    except Exception as err:
         if len(records) == 1:
             return [], [_failure(records[0], err)]
     rows, failures = [], []
     for record in records:
         try:
             good, bad = worker.process([record])
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             good, bad = [], [_failure(record, err)]
         rows += good
         failures += bad

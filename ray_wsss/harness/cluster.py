@@ -23,7 +23,7 @@ must share a GPU node without holding a GPU.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 CPU_POOL_RESOURCE = "crf_pool"
 GPU_POOL_RESOURCE = "gpu_pool"

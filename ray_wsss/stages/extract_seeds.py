@@ -14,15 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ray_wsss.core import codec, storage
-from ray_wsss.harness import batch_stage, training
+from ray_wsss.core import checkpoints, codec, storage
 from ray_wsss.core import config as config_lib
+from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError
 from ray_wsss.core.methods import MapOptions
 from ray_wsss.core.seeds.tta import TTAConfig
-from ray_wsss.core import checkpoints
+from ray_wsss.harness import batch_stage, training
 from ray_wsss.harness.cluster import model_actor_args
-from ray_wsss.core.config import option
 
 log = logging.getLogger(__name__)
 STAGE = "seeds"
@@ -59,7 +58,7 @@ class SeedExtractor:
             try:
                 decoded.append((record["image_id"], codec.decode_image(record["image"]),
                                 [int(c) for c in record["labels"]]))
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 failures.append((record["image_id"], f"cannot decode image: {type(err).__name__}: {err}"))
         maps = self.method.seed_scores(self.model, [d[1] for d in decoded], [d[2] for d in decoded],
                                        self.map_options, self.tta)

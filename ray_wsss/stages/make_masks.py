@@ -20,15 +20,14 @@ from typing import Any
 import numpy as np
 import ray
 
-from ray_wsss.core import codec, storage
-from ray_wsss.core import commit
-from ray_wsss.harness import batch_stage
+from ray_wsss.core import codec, commit, storage
 from ray_wsss.core import config as config_lib
-from ray_wsss.harness.cluster import CPU_POOL_RESOURCE, pool_resources
+from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.refine.crf import CRFConfig, LabellingConfig, make_mask
 from ray_wsss.core.storage import StorageOptions
-from ray_wsss.core.config import option
+from ray_wsss.harness import batch_stage
+from ray_wsss.harness.cluster import CPU_POOL_RESOURCE, pool_resources
 
 log = logging.getLogger(__name__)
 STAGE = "masks"
@@ -77,11 +76,11 @@ def mask_row(record: dict[str, Any], labelling: LabellingConfig) -> dict[str, An
         raise RecordError(image_id, "no seeds for this image in the seeds table")
     try:
         rgb = codec.decode_image(record["image"])
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise RecordError(image_id, f"cannot decode image: {err}") from err
     try:
         scores = codec.decode_scores(seeds["scores"])
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise RecordError(image_id, f"bad seed scores: {err}") from err
     classes = [int(c) for c in seeds["classes"]]
     if scores.shape != (len(classes), *rgb.shape[:2]):

@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from ray_wsss.core import commit, storage
 from ray_wsss.core import config as config_lib
-from ray_wsss.core import storage
-from ray_wsss.core import commit
+from ray_wsss.core.config import option
 from ray_wsss.core.methods import list_methods
 from ray_wsss.core.storage import StorageOptions
-from ray_wsss.core.config import option
 
 log = logging.getLogger(__name__)
 STAGES = ("prepare", "train", "seeds", "eval_seeds", "masks", "eval_masks", "deeplab", "segment", "eval_segment")
@@ -65,12 +65,7 @@ def _stage_config(cls: type, wired: dict[str, Any], overrides: dict[str, Any], s
 
 def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict[str, Any]]]]:
     """(name, output URI, thunk) per stage, in order. Imports stay inside: each stage pulls its own deps."""
-    from ray_wsss.stages import evaluate
-    from ray_wsss.stages import prepare_data
-    from ray_wsss.stages import make_masks
-    from ray_wsss.stages import extract_seeds
-    from ray_wsss.stages import segment
-    from ray_wsss.stages import train_acr, train_deeplab
+    from ray_wsss.stages import evaluate, extract_seeds, make_masks, prepare_data, segment, train_acr, train_deeplab
 
     opts = cfg.storage
     data = cfg.data if cfg.data and _is_prepared(cfg.data, opts) else cfg.uri("data")

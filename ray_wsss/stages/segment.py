@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ray_wsss.core import codec, storage
-from ray_wsss.harness import batch_stage, training
+from ray_wsss.core import checkpoints, codec, storage
 from ray_wsss.core import config as config_lib
-from ray_wsss.core.errors import RecordError, WsssError
-from ray_wsss.core.refine.crf import CRFConfig, dense_crf
-from ray_wsss.core.inference import normalize_image, predict_probs
-from ray_wsss.core import checkpoints
-from ray_wsss.harness.cluster import model_actor_args
 from ray_wsss.core.config import option
+from ray_wsss.core.errors import RecordError, WsssError
+from ray_wsss.core.inference import normalize_image, predict_probs
+from ray_wsss.core.refine.crf import CRFConfig, dense_crf
+from ray_wsss.harness import batch_stage, training
+from ray_wsss.harness.cluster import model_actor_args
 
 log = logging.getLogger(__name__)
 STAGE = "segment"
@@ -69,7 +69,7 @@ def mask_row(image_id: str, image_bytes: bytes, model: torch.nn.Module, cfg: Seg
     """One samples record -> one masks row; RecordError names what is wrong."""
     try:
         rgb = codec.decode_image(image_bytes)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise RecordError(image_id, f"cannot decode image: {type(err).__name__}: {err}") from err
     mask = segment_image(model, rgb, cfg.scales, cfg.flip, cfg.crf_config())
     if mask.shape != rgb.shape[:2]:

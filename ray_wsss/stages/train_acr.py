@@ -22,17 +22,15 @@ import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
 
-from ray_wsss.core import storage
-from ray_wsss.core import commit
+from ray_wsss.core import commit, metrics, storage
+from ray_wsss.core.config import option
 from ray_wsss.core.data.augment import ClassifierTransform
 from ray_wsss.core.methods import Method, get_method, list_methods
 from ray_wsss.core.methods.acr import ACRLossConfig
 from ray_wsss.core.methods.views import View, random_view
 from ray_wsss.core.models.vit import ViTConfig
-from ray_wsss.harness import training
-from ray_wsss.core import metrics
 from ray_wsss.core.optim import OPTIMIZERS, poly_schedule
-from ray_wsss.core.config import option
+from ray_wsss.harness import training
 
 log = logging.getLogger(__name__)
 STAGE = "train"

@@ -18,26 +18,23 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from ray.data.expressions import col
 import ray.train
 import ray.train.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ray.data.expressions import col
 
-from ray_wsss.core import codec, storage
-from ray_wsss.core import commit
-from ray_wsss.harness import batch_stage
+from ray_wsss.core import checkpoints, codec, commit, storage
+from ray_wsss.core.config import option
 from ray_wsss.core.data.seg_augment import SegmentationTransform
+from ray_wsss.core.inference import normalize_image, predict_probs
 from ray_wsss.core.metrics import ConfusionMatrix
 from ray_wsss.core.models.deeplab import BACKBONES, DeepLabConfig, DeepLabV2, create_deeplab
-from ray_wsss.core.schema import IGNORE_INDEX
-from ray_wsss.core.inference import normalize_image, predict_probs
-from ray_wsss.core.storage import StorageOptions
-from ray_wsss.core import checkpoints
-from ray_wsss.harness import training
 from ray_wsss.core.optim import build_optimizer, poly_schedule
-from ray_wsss.core.config import option
+from ray_wsss.core.schema import IGNORE_INDEX
+from ray_wsss.core.storage import StorageOptions
+from ray_wsss.harness import batch_stage, training
 
 log = logging.getLogger(__name__)
 STAGE = "deeplab"

@@ -23,14 +23,12 @@ from typing import Any
 import ray
 from ray import tune
 
+from ray_wsss.core import commit, storage
 from ray_wsss.core import config as config_lib
-from ray_wsss.core import storage
-from ray_wsss.core import commit
-from ray_wsss.stages import evaluate, extract_seeds
-from ray_wsss.core.storage import StorageOptions
-from ray_wsss.stages import train_acr
-from ray_wsss.harness import training
 from ray_wsss.core.config import option
+from ray_wsss.core.storage import StorageOptions
+from ray_wsss.harness import training
+from ray_wsss.stages import evaluate, extract_seeds, train_acr
 
 log = logging.getLogger(__name__)
 SAMPLINGS = ("choice", "grid", "loguniform", "uniform")

@@ -74,7 +74,7 @@ class CocoSource:
         record = self.record_id(image_id)
         try:
             height, width = codec.image_size(image_bytes)
-        except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
+        except Exception as err:
             raise RecordError(record, f"corrupt or truncated image {info['file_name']}: {err}") from err
         if (height, width) != (info["height"], info["width"]):
             raise RecordError(record, f"image {info['file_name']} is {width}x{height} but {self.uri} "
@@ -119,7 +119,7 @@ class CocoSource:
     def _instance_mask(self, image_id: int, ann: dict) -> np.ndarray:
         try:
             return self.coco.annToMask(ann).astype(bool)
-        except Exception as err:  # noqa: BLE001 - malformed polygons or RLE
+        except Exception as err:
             raise RecordError(self.record_id(image_id),
                               f"annotation {ann.get('id')} in {self.uri} has a bad segmentation: {err}") from err
 

@@ -74,7 +74,7 @@ def decode_pair(image_id: str, image_bytes: bytes, mask_bytes: bytes | None,
     try:
         # Writable copies: torch.from_numpy warns on the read-only arrays PIL hands out.
         rgb, mask = np.array(codec.decode_image(image_bytes)), np.array(codec.decode_mask(mask_bytes))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise RecordError(image_id, f"cannot decode image or mask: {type(err).__name__}: {err}") from err
     if mask.shape != rgb.shape[:2]:
         raise RecordError(image_id, f"mask is {mask.shape[0]}x{mask.shape[1]} but the image is "

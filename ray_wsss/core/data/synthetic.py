@@ -240,7 +240,7 @@ class _Canvas:
                 return False
         return True
 
-    def _sample_shape(self, part_shape: str) -> "_Shape | None":
+    def _sample_shape(self, part_shape: str) -> _Shape | None:
         """A body (wobbly ellipse) with a part at one end of its long axis; None if the part is cut."""
         rng = self.rng
         side = min(self.height, self.width)
@@ -277,7 +277,7 @@ class _Canvas:
         rim = body & ~_erode(body)
         self.image[rim] = self.image[rim] * 0.45
 
-    def _paint_part(self, shape: "_Shape", class_id: int) -> None:
+    def _paint_part(self, shape: _Shape, class_id: int) -> None:
         rng = self.rng
         hue = PART_HUES[class_id - 1] + rng.uniform(-6, 6)
         main = _hsv(hue, rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0))

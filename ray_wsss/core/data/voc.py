@@ -63,7 +63,7 @@ def read_voc_sample(root: str, image_id: str, split: str,
     image = _read(image_id, image_uri, storage_options)
     try:
         height, width = codec.image_size(image)
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
+    except Exception as err:
         raise RecordError(image_id, f"corrupt or truncated image {image_uri}: {err}") from err
 
     mask_bytes, mask_ids = _read_mask(root, image_id, (height, width), storage_options)
@@ -129,7 +129,7 @@ def _read_mask(root: str, image_id: str, size: tuple[int, int],
         mask = codec.decode_mask(data)
     except ValueError as err:  # RGB or other colour modes: colours are not class ids
         raise RecordError(image_id, f"mask {uri} is not a class-id mask: {err}") from err
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise RecordError(image_id, f"corrupt or truncated mask {uri}: {err}") from err
     if mask.shape != size:
         raise RecordError(image_id, f"mask {uri} size {mask.shape[1]}x{mask.shape[0]} differs from "

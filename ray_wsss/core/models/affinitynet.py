@@ -114,7 +114,7 @@ def load_backbone_weights(backbone: nn.Module, path: str, classifier: str | None
         raise FileNotFoundError(f"backbone weights {path!r}: no such file")
     try:
         state = load_state_dict(path)
-    except Exception as err:  # noqa: BLE001 - not a torch/safetensors file, or one holding code
+    except Exception as err:
         raise ValueError(f"backbone weights {path!r} are not a readable state dict: {err}") from err
     if classifier:
         state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}

@@ -139,7 +139,7 @@ def load_backbone_weights(backbone: nn.Module, uri: str,
         raise WsssError(f"cannot load DeepLab backbone weights from {uri}: {err}") from err
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt or not a torch file
+    except Exception as err:
         raise WsssError(f"backbone weights {uri} are not a readable torch file: {err}") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -145,7 +145,7 @@ def _read_state_dict(uri: str, storage_options: storage.StorageOptions | None) -
         else:
             # weights_only: a checkpoint is data, never code to run
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt file, pickle with custom classes, ...
+    except Exception as err:
         raise WsssError(f"cannot read weights {uri}: {type(err).__name__}: {err}") from err
     # DeiT releases and our own checkpoints wrap the state dict as {"model": sd, ...}
     for wrapper in ("model", "state_dict"):

@@ -5,7 +5,7 @@ Labels are [background, present classes], so the CRF only chooses among what the
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
