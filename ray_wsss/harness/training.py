@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, Protocol
 
 import pyarrow.fs as pafs
@@ -122,7 +123,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(row)
         if rank == 0:
             worker_print(format_row(config["tag"], row))
-        report_epoch(row, (lambda tmp: save_checkpoint(tmp, task, scaler, epoch, history)) if rank == 0 else None)
+        report_epoch(row, partial(save_checkpoint, task=task, scaler=scaler, epoch=epoch, history=history)
+                     if rank == 0 else None)
 
 
 def _train_epoch(task: TrainTask, shard, batch_size: int, device: torch.device, use_amp: bool,

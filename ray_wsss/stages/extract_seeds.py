@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class ExtractSeedsConfig(batch_stage.DataStageConfig):
 class SeedExtractor:
     """The seeds worker: samples rows -> seeds rows. The model is loaded once per actor."""
 
-    columns = {"primary": ["image_id", "image", "labels"]}
+    columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image", "labels"]}
 
     def __init__(self, cfg: ExtractSeedsConfig, checkpoint_uri: str):
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import ray
@@ -93,7 +93,7 @@ def mask_row(record: dict[str, Any], labelling: LabellingConfig) -> dict[str, An
 class MaskMaker:
     """The masks worker on the CPU pool: (sample, seeds) records -> masks rows."""
 
-    columns = {"primary": ["image_id", "image"], "seeds": ["image_id", "classes", "scores"]}
+    columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image"], "seeds": ["image_id", "classes", "scores"]}
     unclaimed_are_errors = ("seeds",)  # a seeds row of an image the data lacks is reported, never dropped
 
     def __init__(self, cfg: MakeMasksConfig, threshold: float):

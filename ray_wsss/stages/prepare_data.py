@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from ray_wsss.core import config as config_lib
 from ray_wsss.core import storage
@@ -39,7 +39,7 @@ class PrepareConfig(batch_stage.StageConfig):
 class SampleReader:
     """The prepare worker: listing records -> samples rows. Heavy state (the COCO index) is built once per actor."""
 
-    columns: dict[str, list[str]] = {}
+    columns: ClassVar[dict[str, list[str]]] = {}
 
     def __init__(self, cfg: PrepareConfig):
         self.cfg = cfg

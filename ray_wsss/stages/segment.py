@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -80,7 +80,7 @@ def mask_row(image_id: str, image_bytes: bytes, model: torch.nn.Module, cfg: Seg
 class Segmenter:
     """The segment worker: samples rows -> masks rows. The model is loaded once per actor."""
 
-    columns = {"primary": ["image_id", "image"]}
+    columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image"]}
 
     def __init__(self, cfg: SegmentConfig, checkpoint_uri: str):
         self.cfg = cfg

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import ray
@@ -94,8 +94,8 @@ class TrainStep(nn.Module):
 class ClassifierTask:
     """The classifier's part of the training loop (see harness.training.TrainTask)."""
 
-    batch_kwargs: dict[str, Any] = {}
-    val_columns = ["image", "labels"]
+    batch_kwargs: ClassVar[dict[str, Any]] = {}
+    val_columns: ClassVar[list[str]] = ["image", "labels"]
 
     def __init__(self, cfg: TrainClassifierConfig, config: dict[str, Any], device: torch.device):
         ctx = ray.train.get_context()

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import posixpath
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -106,8 +106,8 @@ def freeze_batchnorm(module: nn.Module) -> None:
 class SegmenterTask:
     """DeepLab's part of the training loop (see harness.training.TrainTask)."""
 
-    batch_kwargs = {"dtypes": {"image": torch.float32, "mask": torch.int64}}
-    val_columns = ["image", "gt_mask"]
+    batch_kwargs: ClassVar[dict[str, Any]] = {"dtypes": {"image": torch.float32, "mask": torch.int64}}
+    val_columns: ClassVar[list[str]] = ["image", "gt_mask"]
 
     def __init__(self, cfg: TrainDeepLabConfig, config: dict[str, Any], device: torch.device):
         ctx = ray.train.get_context()
@@ -176,7 +176,7 @@ def training_records(cfg: TrainDeepLabConfig) -> ray.data.Dataset:
 def paired_rows(pair: dict[str, str], options: StorageOptions | None) -> list[dict[str, Any]]:
     """A (samples file, masks file) pair -> its (image_id, image, mask) rows, matched by id in file order."""
     task = batch_stage.FileTask(name=pair["samples"], primary=pair["samples"], paired=(("masks", pair["masks"]),))
-    columns = {"primary": ["image_id", "image"], "masks": ["image_id", "mask"]}
+    columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image"], "masks": ["image_id", "mask"]}
     rows = []
     for records in batch_stage.iter_task_records(task, columns, 64, options, []):
         rows += [{"image_id": r["image_id"], "image": r["image"], "mask": r["masks"]["mask"]}
