@@ -112,9 +112,8 @@ def list_records(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[tuple[s
     if cfg.format == "voc":
         from ray_wsss.core.data import voc
 
-        for split in cfg.splits():
-            records += [{"image_id": i, "split": split} for i in voc.list_voc_ids(cfg.src, split, cfg.storage)]
-        return records, listing_errors, ["background", *voc.VOC_CLASSES]
+        records, listing_errors = voc.list_splits(cfg.src, cfg.splits(), cfg.storage)
+        return records, listing_errors, voc.class_names()
     if cfg.format == "coco":
         from ray_wsss.core.data.coco import CocoSource
 
@@ -124,15 +123,12 @@ def list_records(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[tuple[s
             raise WsssError("COCO takes one --split name per annotations file")
         source = CocoSource(cfg.annotations, cfg.storage)
         split = cfg.splits()[0]
-        for coco_id in source.image_ids():
-            info = source.coco.imgs[coco_id]
-            stem = info["file_name"].rsplit(".", 1)[0]
-            records.append({"image_id": stem, "split": split, "coco_id": coco_id, "file_name": info["file_name"]})
-        for ann in source.orphan_annotations():
-            listing_errors.append((str(ann["image_id"]), f"annotation {ann['id']} names image id "
-                                  f"{ann['image_id']}, which is not in the annotations' images list"))
+        images, listing_errors = source.list_images()
+        records = [{"image_id": image, "split": split, "coco_id": coco_id, "file_name": name}
+                   for coco_id, image, name in images]
         if not records:
-            raise WsssError(f"{cfg.annotations} lists no images")
+            refused = f"; {len(listing_errors)} refused, the first: {listing_errors[0][1]}" if listing_errors else ""
+            raise WsssError(f"{cfg.annotations} lists no images that can be read{refused}")
         return records, listing_errors, source.class_names()
     raise WsssError(f"unknown format {cfg.format!r}; expected one of {FORMATS}")
 
