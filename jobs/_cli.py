@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from ray_wsss.core import config as config_lib  # noqa: E402
+from ray_wsss.core.errors import WsssError  # noqa: E402
 from ray_wsss.core.storage import StorageOptions  # noqa: E402
 
 T = TypeVar("T")
@@ -42,11 +43,12 @@ def parse_config(cls: type[T], description: str, argv: list[str] | None = None) 
                              args.pop("s3_access_key"), args.pop("s3_secret_key"))
     yaml_uri = args.pop("config")
     overrides = {k: v for k, v in args.items() if v is not None}
-    if any(f.name == "storage" for f in dataclasses.fields(cls)):
-        overrides["storage"] = options
+    storage_flags = {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
+    if storage_flags and any(f.name == "storage" for f in dataclasses.fields(cls)):
+        overrides["storage"] = storage_flags  # on top of the YAML's `storage:` section, key by key
     try:
         return config_lib.load(cls, yaml_uri, overrides, options)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, WsssError) as err:  # a bad value, or a --config file that cannot be read
         parser.error(str(err))
 
 

@@ -14,14 +14,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import json
+import sys
 from typing import Any, Callable
 
 import pytest
 
-from fixtures_data import COCO_MINI_ANNOTATIONS, coco_mini_dir, make_voc_tree
+from fixtures_data import COCO_MINI_ANNOTATIONS, REPO, coco_mini_dir, make_voc_tree
 from ray_wsss.core.errors import WsssError
+from ray_wsss.stages.evaluate import EvaluateConfig
+from ray_wsss.stages.extract_seeds import ExtractSeedsConfig
+from ray_wsss.stages.make_masks import MakeMasksConfig
+from ray_wsss.stages.pipeline import PipelineConfig
 from ray_wsss.stages.prepare_data import PrepareConfig, list_records
+from ray_wsss.stages.train_acr import TrainClassifierConfig
+from ray_wsss.stages.tune_acr import TuneACRConfig
+
+sys.path.insert(0, str(REPO / "jobs"))
+_cli = importlib.import_module("_cli")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,3 +189,67 @@ def test_prepare_coco_images(tmp_path, edit, outcome):
     cfg = PrepareConfig(format="coco", src=str(coco_mini_dir() / "images"), annotations=str(annotations),
                         split="train")
     _check(outcome, lambda: list_records(cfg)[:2])
+
+
+# ---------------------------------------------------------------- job configs: a YAML file, then flags
+
+def _parse_fails(capsys, cls: type, argv: list[str], fragments: tuple[str, ...]) -> None:
+    """The job refuses the config at once: argparse's exit status 2 and a message with every fragment."""
+    with pytest.raises(SystemExit) as info:
+        _cli.parse_config(cls, "", argv)
+    assert info.value.code == 2
+    message = capsys.readouterr().err.splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+CONFIG_YAML = [
+    ("threshold: high", MakeMasksConfig, "threshold: high\n", ("threshold = 'high'", "expected a number")),
+    ('crf: "no"', MakeMasksConfig, 'crf: "no"\n', ("crf = 'no'", "expected true or false")),
+    ("crf: 0", MakeMasksConfig, "crf: 0\n", ("crf = 0", "true or false")),
+    ('batch_size: "abc"', PrepareConfig, 'batch_size: "abc"\n', ("batch_size = 'abc'", "an integer")),
+    ("batch_size: true", PrepareConfig, "batch_size: true\n", ("batch_size = True", "an integer")),
+    ("epochs: 1.5", TrainClassifierConfig, "epochs: 1.5\n", ("epochs = 1.5", "an integer")),
+    ("lr: .nan", TrainClassifierConfig, "lr: .nan\n", ("lr = nan", "a number")),
+    ("split: 5", PrepareConfig, "split: 5\n", ("split = 5", "a string")),
+    ("format not a choice", PrepareConfig, "format: pdf\n", ("format = 'pdf'", "['synthetic', 'voc', 'coco']")),
+    ("scales not a list", ExtractSeedsConfig, "scales: 1.0\n", ("scales = 1.0", "a list of numbers")),
+    ("scales item not a number", ExtractSeedsConfig, "scales: [1.0, big]\n", ("scales = [1.0, 'big']",)),
+    ("misspelt key", EvaluateConfig, "thresold: 0.3\n", ("unknown keys ['thresold']", "'threshold'")),
+    ("one key spelt twice", PrepareConfig, "batch-size: 4\nbatch_size: 8\n", ("'batch_size' is given twice",)),
+    ("storage key misspelt", PrepareConfig, "storage: {endpont_url: http://x}\n",
+     ("storage: unknown keys ['endpont_url']",)),
+    ("storage not a mapping", PrepareConfig, "storage: http://minio:9000\n",
+     ("storage = 'http://minio:9000'", "a mapping with keys among ['endpoint_url'")),
+    ("a list, not a mapping", PrepareConfig, "- out\n- data\n", ("expected a mapping of config keys",)),
+    ("not YAML", PrepareConfig, "split: [train\n", ("is not valid YAML",)),
+    ("min_size > max_size", PrepareConfig, "min_size: 8\nmax_size: 4\n", ("min_size 8, max_size 4",)),
+    ("synthetic option with voc", PrepareConfig, "format: voc\nmax_size: 64\n",
+     ("max_size apply to format synthetic only",)),
+    ("no split named", PrepareConfig, "split: ' , '\n", ("names no split",)),
+    ("pipeline section", PipelineConfig, "masks: {crf: 'no'}\n", ("the `masks:` section", "crf = 'no'")),
+    ("pipeline section key", PipelineConfig, "seeds: {scale: [1.0]}\n", ("the `seeds:` section", "['scale']")),
+    ("tune section", TuneACRConfig, "train: {epochs: many}\n", ("the `train:` section", "epochs = 'many'")),
+]
+
+
+@pytest.mark.parametrize("cls, text, fragments", [pytest.param(c, t, f, id=n) for n, c, t, f in CONFIG_YAML])
+def test_config_yaml(tmp_path, capsys, cls, text, fragments):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    _parse_fails(capsys, cls, ["--config", str(path)], (*fragments, str(path)))
+
+
+CONFIG_FLAGS = [
+    ("--threshold high", MakeMasksConfig, ["--threshold", "high"], ("--threshold", "invalid float value: 'high'")),
+    ("--format pdf", PrepareConfig, ["--format", "pdf"], ("--format", "invalid choice: 'pdf'")),
+    ("--min-size 8 --max-size 4", PrepareConfig, ["--min-size", "8", "--max-size", "4"],
+     ("min_size 8, max_size 4", "32 <= min_size <= max_size")),
+    ("--config that does not exist", PrepareConfig, ["--config", "/nonexistent/job.yaml"],
+     ("file not found: /nonexistent/job.yaml",)),
+]
+
+
+@pytest.mark.parametrize("cls, argv, fragments", [pytest.param(c, a, f, id=n) for n, c, a, f in CONFIG_FLAGS])
+def test_config_flags(capsys, cls, argv, fragments):
+    _parse_fails(capsys, cls, argv, fragments)

@@ -19,6 +19,7 @@ from ray_wsss.core.config import option
 log = logging.getLogger(__name__)
 STAGE = "prepare"
 FORMATS = ("synthetic", "voc", "coco")
+SYNTHETIC_ONLY = ("num_train", "num_val", "min_size", "max_size")  # generator settings; seed has a default
 
 
 @dataclasses.dataclass
@@ -37,6 +38,15 @@ class PrepareConfig:
     batch_size: int = option(16, "records per Ray Data batch")
     overwrite: bool = option(False, "redo a stage that is already committed")
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        if not self.splits():
+            raise ValueError(f"split {self.split!r} names no split")
+        generator = [name for name in SYNTHETIC_ONLY if getattr(self, name) is not None]
+        if self.format != "synthetic" and generator:
+            raise ValueError(f"{', '.join(generator)} apply to format synthetic only, not {self.format}")
+        if self.format == "synthetic":
+            _synthetic_config(self)  # the generator checks its own limits (min_size <= max_size, ...)
 
     def splits(self) -> list[str]:
         return [s.strip() for s in self.split.split(",") if s.strip()]
@@ -89,8 +99,7 @@ def _synthetic_config(cfg: PrepareConfig):
     from ray_wsss.core.data import synthetic
 
     base = synthetic.SyntheticConfig(seed=cfg.seed)
-    overrides = {k: getattr(cfg, k) for k in ("num_train", "num_val", "min_size", "max_size")
-                 if getattr(cfg, k) is not None}
+    overrides = {k: getattr(cfg, k) for k in SYNTHETIC_ONLY if getattr(cfg, k) is not None}
     return dataclasses.replace(base, **overrides)
 
 

@@ -76,8 +76,8 @@ class TuneACRConfig:
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
-        self.train = {k.replace("-", "_"): v for k, v in self.train.items()}
-        self.seeds = {k.replace("-", "_"): v for k, v in self.seeds.items()}
+        self.train = config_lib.check_fields(train_acr.TrainClassifierConfig, self.train, "the `train:` section")
+        self.seeds = config_lib.check_fields(extract_seeds.ExtractSeedsConfig, self.seeds, "the `seeds:` section")
         for name in TUNED:
             _check_space(name, getattr(self, name), getattr(self, f"{name}_sampling"))
         for section, wired in (("train", TRAIN_WIRED), ("seeds", SEEDS_WIRED)):
