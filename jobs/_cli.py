@@ -80,15 +80,17 @@ def init_ray() -> None:
     import ray
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV, private_auth_token
+
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    private_auth_token(create=not address)  # Ray would write a new local cluster's token world-readable
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # a local Ray: no dashboard unless ray[default] is installed
-        from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV
-
         ray.init(log_to_driver=True, runtime_env=LOCAL_RUNTIME_ENV)
+    private_auth_token(create=False)  # whatever Ray wrote or found, readable by this user only
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shlex
+import stat
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -149,6 +152,65 @@ def test_token_auth_on_every_node(raw_config):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in raw_config[key] if "ray start" in c]
         assert start and all("RAY_AUTH_MODE=token" in c for c in start), key
+
+
+# ---------------------------------------------------------------- the local Ray token file
+
+TOKEN_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    """A private HOME, so the tests never touch the user's own ~/.ray/auth_token."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in TOKEN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_new_token_is_private_and_an_existing_one_kept(home):
+    path = cluster.private_auth_token(create=True)
+    assert path == home / ".ray" / "auth_token"
+    assert _mode(path) == 0o600 and _mode(path.parent) == 0o700
+    token = path.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token)  # what Ray's own generator writes
+    assert cluster.private_auth_token(create=True).read_text() == token
+
+
+def test_a_readable_token_is_tightened(home):
+    path = home / ".ray" / "auth_token"
+    path.parent.mkdir()
+    path.write_text("0" * 64)
+    path.chmod(0o644)
+    assert cluster.private_auth_token(create=False) == path
+    assert _mode(path) == 0o600 and path.read_text() == "0" * 64
+
+
+def test_no_token_file_is_made_when_ray_needs_none(home, monkeypatch):
+    assert cluster.private_auth_token(create=False) is None  # joining a cluster: never invent a token
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert cluster.private_auth_token(create=True) is None
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "f" * 64)
+    assert cluster.private_auth_token(create=True) is None
+    assert not (home / ".ray").exists()
+
+
+def test_a_job_starting_local_ray_leaves_the_token_private(home):
+    """The jobs' init_ray() on a fresh HOME under umask 022: Ray 2.60 itself writes the token 0644."""
+    code = ("import sys; sys.path.insert(0, 'jobs'); import _cli, ray; _cli.init_ray(); "
+            "assert ray.cluster_resources()['CPU'] >= 1; ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k not in TOKEN_ENV}
+    with tempfile.TemporaryDirectory(prefix="rt", dir="/tmp") as ray_tmp:  # short: Ray's socket paths
+        env.update(HOME=str(home), RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO))  # RAY_TMPDIR: join no other Ray
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=300,
+                       preexec_fn=lambda: os.umask(0o022))
+    path = home / ".ray" / "auth_token"
+    assert _mode(path) == 0o600 and re.fullmatch(r"[0-9a-f]{64}", path.read_text())
 
 
 # ---------------------------------------------------------------- pool_resources
