@@ -6,6 +6,7 @@ prepare/validate code (the one `ray up` runs), the rest is parsed statically.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -152,6 +153,127 @@ def test_token_auth_on_every_node(raw_config):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in raw_config[key] if "ray start" in c]
         assert start and all("RAY_AUTH_MODE=token" in c for c in start), key
+
+
+# ---------------------------------------------------------------- network exposure
+
+def _security_group_script():
+    spec = importlib.util.spec_from_file_location("aws_security_group", REPO / "scripts" / "aws_security_group.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SG_SCRIPT = _security_group_script()
+MY_CIDR = "198.18.7.21/32"  # stands for the user's own network in these tests
+
+
+def _with_cidr(raw_config: dict, cidr: str) -> dict:
+    config = copy.deepcopy(raw_config)
+    config["provider"]["security_group"]["IpPermissions"][0]["IpRanges"][0]["CidrIp"] = cidr
+    return config
+
+
+def test_ssh_only_from_a_cidr_the_user_sets(raw_config):
+    group = raw_config["provider"]["security_group"]
+    assert group["GroupName"]
+    (rule,) = group["IpPermissions"]
+    assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22)
+    # The shipped CIDR is a placeholder that reaches nobody, and the script refuses it until it is set.
+    problems = SG_SCRIPT.ingress_problems(group["IpPermissions"])
+    assert len(problems) == 1 and "placeholder" in problems[0]
+    assert SG_SCRIPT.ingress_problems(_with_cidr(raw_config, MY_CIDR)["provider"]["security_group"]["IpPermissions"]) == []
+    for everyone in ("0.0.0.0/0", "::/0"):
+        assert "whole internet" in SG_SCRIPT.ingress_problems([{**rule, "IpRanges": [{"CidrIp": everyone}]}])[0]
+
+
+def test_every_node_uses_the_prepared_group_so_ray_adds_no_rule(raw_config):
+    """With SecurityGroupIds on every node type, Ray's AWS bootstrap creates and changes no group
+    (it returns before calling AWS at all)."""
+    ids = {json.dumps(t["node_config"].get("SecurityGroupIds")) for t in _node_types(raw_config).values()}
+    assert len(ids) == 1 and ids != {"null"}
+    from ray.autoscaler._private.aws.config import _configure_security_group
+
+    config = prepare_config(copy.deepcopy(raw_config))
+    assert _configure_security_group(copy.deepcopy(config)) == config
+
+
+@pytest.fixture()
+def aws(monkeypatch):
+    """moto's in-process AWS (a default VPC with subnets in every zone); never the loopback S3 server."""
+    from moto import mock_aws
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        import boto3
+
+        yield boto3.client("ec2", region_name="us-west-2")
+
+
+def _ingress(ec2, group_id: str) -> list[dict]:
+    return ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]["IpPermissions"]
+
+
+def test_the_script_group_then_ray_bootstrap_leave_ssh_to_the_cidr(raw_config, aws):
+    from ray.autoscaler._private.aws.config import _configure_security_group, _configure_subnet
+
+    config = _with_cidr(raw_config, MY_CIDR)
+    group_id = SG_SCRIPT.ensure_group(config, ec2=aws)
+    assert SG_SCRIPT.ensure_group(config, ec2=aws) == group_id  # found again, not created twice
+    for node_type in _node_types(config).values():
+        node_type["node_config"]["SecurityGroupIds"] = [group_id]
+    bootstrapped = _configure_security_group(_configure_subnet(prepare_config(config)))
+    assert {tuple(t["node_config"]["SecurityGroupIds"]) for t in _node_types(bootstrapped).values()} == {(group_id,)}
+    rules = _ingress(aws, group_id)
+    open_to = {(r.get("FromPort"), ip["CidrIp"]) for r in rules for ip in r["IpRanges"]}
+    assert open_to == {(22, MY_CIDR)}
+    (nodes,) = [r for r in rules if r["IpProtocol"] == "-1"]
+    assert [pair["GroupId"] for pair in nodes["UserIdGroupPairs"]] == [group_id]  # node to node only
+
+
+def test_ray_bootstrap_alone_would_open_ssh_to_everyone(raw_config, aws):
+    """Why the script exists: a group Ray 2.60 creates gets SSH from 0.0.0.0/0 next to the configured
+    CIDR. If this starts failing, Ray has fixed it and the script may go."""
+    from ray.autoscaler._private.aws.config import _configure_security_group, _configure_subnet
+
+    config = _with_cidr(raw_config, MY_CIDR)
+    for node_type in _node_types(config).values():
+        node_type["node_config"].pop("SecurityGroupIds")
+    bootstrapped = _configure_security_group(_configure_subnet(prepare_config(config)))
+    group_id = _node_types(bootstrapped)["head"]["node_config"]["SecurityGroupIds"][0]
+    assert (22, "0.0.0.0/0") in {(r.get("FromPort"), ip["CidrIp"]) for r in _ingress(aws, group_id) for ip in r["IpRanges"]}
+
+
+def test_the_script_refuses_an_open_config_or_group(raw_config, aws):
+    with pytest.raises(SG_SCRIPT.SecurityGroupError, match="placeholder"):
+        SG_SCRIPT.ensure_group(raw_config, ec2=aws)
+    with pytest.raises(SG_SCRIPT.SecurityGroupError, match="whole internet"):
+        SG_SCRIPT.ensure_group(_with_cidr(raw_config, "0.0.0.0/0"), ec2=aws)
+    vpc = aws.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    name = raw_config["provider"]["security_group"]["GroupName"]
+    existing = aws.create_security_group(GroupName=name, VpcId=vpc, Description="made by hand")["GroupId"]
+    aws.authorize_security_group_ingress(GroupId=existing, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+    with pytest.raises(SG_SCRIPT.SecurityGroupError, match=f"{existing}.*already exists and is open"):
+        SG_SCRIPT.ensure_group(_with_cidr(raw_config, MY_CIDR), ec2=aws)
+
+
+def test_dashboard_listens_on_the_head_only(raw_config):
+    """Reached through `ray dashboard cluster.yaml` (SSH -L to the head's localhost), never bound to 0.0.0.0."""
+    start = " ".join(raw_config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start
+    assert "0.0.0.0" not in json.dumps(raw_config)
+    assert "ray dashboard cluster.yaml" in (REPO / "README.md").read_text()
+
+
+def test_rayjob_dashboard_stays_inside_the_cluster(rayjob):
+    """KubeRay's operator polls the dashboard through the head Service, so it must listen on the pod
+    network there; it is never exposed beyond the cluster (no LoadBalancer, NodePort or Ingress)."""
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress", False)
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
 
 
 # ---------------------------------------------------------------- the local Ray token file
