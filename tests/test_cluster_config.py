@@ -443,37 +443,65 @@ def dockerfile() -> list[tuple[str, str]]:
     return _instructions((REPO / "Dockerfile").read_text())
 
 
+def _stages(dockerfile: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The instructions of each build stage, its FROM first (the global ARGs before the first are dropped)."""
+    stages: list[list[tuple[str, str]]] = []
+    for keyword, args in dockerfile:
+        if keyword == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((keyword, args))
+    return stages
+
+
 def test_dockerfile_base_is_the_pinned_ray(dockerfile):
-    keywords = [k for k, _ in dockerfile]
-    (from_index,) = [i for i, k in enumerate(keywords) if k == "FROM"]
-    assert ("ARG", "RAY_IMAGE_VARIANT=gpu") in dockerfile[:from_index]
-    assert dockerfile[from_index][1] == f"rayproject/ray:{RAY_VERSION}-{PY_TAG}-${{RAY_IMAGE_VARIANT}}"
+    first_from = next(i for i, (k, _) in enumerate(dockerfile) if k == "FROM")
+    assert ("ARG", "RAY_IMAGE_VARIANT=gpu") in dockerfile[:first_from]
+    base = f"rayproject/ray:{RAY_VERSION}-{PY_TAG}-${{RAY_IMAGE_VARIANT}}"
+    build, runtime = _stages(dockerfile)
+    assert build[0][1] == f"{base} AS build" and runtime[0][1] == base  # the wheels fit the runtime's Python
+
+
+def test_dockerfile_keeps_the_compiler_in_the_build_stage(dockerfile):
+    build, runtime = _stages(dockerfile)
+    compiler = re.compile(r"\b(build-essential|gcc|g\+\+|clang|apt-get)\b")
+    assert any(compiler.search(a) for k, a in build if k == "RUN")
+    assert not [a for _, a in runtime if compiler.search(a)]
+    (wheel,) = [a for k, a in build if k == "RUN" and "pip wheel" in a]
+    compiled = re.search(r"grep -E '\^\((.*?)\)", wheel).group(1).split("|")
+    names = {re.split(r"[=<>\[ ]", d)[0] for d in PYPROJECT["project"]["dependencies"]}
+    assert "pydensecrf2" in compiled and set(compiled) <= names
+    (install,) = [a for k, a in runtime if k == "RUN" and "-r /tmp/build/requirements.txt" in a]
+    assert "--mount=type=bind,from=build" in install  # mounted: no layer keeps the wheels
+    assert f"--only-binary {','.join(compiled)}" in install and "--find-links /tmp/build/wheels" in install
 
 
 def test_dockerfile_installs_only_at_build_time(dockerfile):
     keywords = [k for k, _ in dockerfile]
     assert not {"ENTRYPOINT", "CMD"} & set(keywords), "keep the base image's; Ray's launchers run `ray start`"
-    users = [a for k, a in dockerfile if k == "USER"]
-    assert users[-1] == "ray"
-    user = "ray"
-    for keyword, args in dockerfile:
-        user = args if keyword == "USER" else user
-        if "apt-get" in args:
-            assert keyword == "RUN" and user == "root", args
-        if "pip install" in args:
-            assert not re.search(r"--force-reinstall|--upgrade|\s-U\b", args), args
+    for stage in _stages(dockerfile):
+        user = "ray"  # the base image's user; USER does not carry over between stages
+        for keyword, args in stage:
+            user = args if keyword == "USER" else user
+            if "apt-get" in args:
+                assert keyword == "RUN" and user == "root", args
+            if "pip install" in args:
+                assert not re.search(r"--force-reinstall|--upgrade|\s-U\b", args), args
+        assert user == "ray"
 
 
 def test_dockerfile_layers_deps_before_code(dockerfile):
+    runtime = _stages(dockerfile)[-1]
+
     def index(pred) -> int:
-        return next(i for i, (k, a) in enumerate(dockerfile) if pred(k, a))
+        return next(i for i, (k, a) in enumerate(runtime) if pred(k, a))
 
     pyproject = index(lambda k, a: k == "COPY" and a.split()[-2] == "pyproject.toml")
-    deps = index(lambda k, a: k == "RUN" and "pip install" in a and "-r /tmp/requirements.txt" in a)
+    deps = index(lambda k, a: k == "RUN" and "pip install" in a and "-r /tmp/build/requirements.txt" in a)
     code = index(lambda k, a: k == "COPY" and "ray_wsss" in a)
     project = index(lambda k, a: k == "RUN" and "pip install" in a and a.rstrip().split("&&")[0].strip().endswith("."))
     assert pyproject < deps < code < project
-    assert "--no-deps" in dockerfile[project][1]
+    assert "--no-deps" in runtime[project][1]
 
 
 def test_dockerfile_requirements_are_pyprojects(dockerfile):
