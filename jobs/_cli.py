@@ -63,6 +63,8 @@ def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, kind: A
         default = None
     if "default" not in help_text:  # some help texts already say how the default is chosen
         help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+    if {"min", "max", "gt"} & set(field.metadata):
+        help_text += f"; {config_lib.describe(kind, field.metadata)}"
     choices = field.metadata.get("choices")
     if kind is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
