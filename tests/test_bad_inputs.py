@@ -225,11 +225,11 @@ CONFIG_YAML = [
     ("not YAML", PrepareConfig, "split: [train\n", ("is not valid YAML",)),
     ("min_size > max_size", PrepareConfig, "min_size: 8\nmax_size: 4\n", ("min_size 8, max_size 4",)),
     ("synthetic option with voc", PrepareConfig, "format: voc\nmax_size: 64\n",
-     ("max_size apply to format synthetic only",)),
+     ("max_size: generator settings, for format synthetic only (not voc)",)),
     ("no split named", PrepareConfig, "split: ' , '\n", ("names no split",)),
     ("pipeline section", PipelineConfig, "masks: {crf: 'no'}\n", ("the `masks:` section", "crf = 'no'")),
     ("pipeline section key", PipelineConfig, "seeds: {scale: [1.0]}\n", ("the `seeds:` section", "['scale']")),
-    ("tune section", TuneACRConfig, "train: {epochs: many}\n", ("the `train:` section", "epochs = 'many'")),
+    ("tune section", TuneACRConfig, "train: {weight_decay: lots}\n", ("the `train:` section", "weight_decay = 'lots'")),
 ]
 
 
