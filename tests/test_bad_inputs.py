@@ -28,7 +28,9 @@ from ray_wsss.stages.extract_seeds import ExtractSeedsConfig
 from ray_wsss.stages.make_masks import MakeMasksConfig
 from ray_wsss.stages.pipeline import PipelineConfig
 from ray_wsss.stages.prepare_data import PrepareConfig, list_records
+from ray_wsss.stages.segment import SegmentConfig
 from ray_wsss.stages.train_acr import TrainClassifierConfig
+from ray_wsss.stages.train_deeplab import TrainDeepLabConfig
 from ray_wsss.stages.tune_acr import TuneACRConfig
 
 sys.path.insert(0, str(REPO / "jobs"))
@@ -230,6 +232,15 @@ CONFIG_YAML = [
     ("pipeline section", PipelineConfig, "masks: {crf: 'no'}\n", ("the `masks:` section", "crf = 'no'")),
     ("pipeline section key", PipelineConfig, "seeds: {scale: [1.0]}\n", ("the `seeds:` section", "['scale']")),
     ("tune section", TuneACRConfig, "train: {weight_decay: lots}\n", ("the `train:` section", "weight_decay = 'lots'")),
+    ("threshold: 1.5", EvaluateConfig, "threshold: 1.5\n", ("threshold = 1.5", "a number in [0, 1] or null")),
+    ("lr: 0", TrainClassifierConfig, "lr: 0\n", ("lr = 0", "a number > 0")),
+    ("momentum: 1.5", TrainDeepLabConfig, "momentum: 1.5\n", ("momentum = 1.5", "in [0, 1]")),
+    ("epochs: 0", TrainDeepLabConfig, "epochs: 0\n", ("epochs = 0", "an integer >= 1")),
+    ("max_failures: -2", TrainClassifierConfig, "max_failures: -2\n", ("max_failures = -2", ">= -1")),
+    ("scales: [0]", ExtractSeedsConfig, "scales: [1.0, 0]\n", ("scales = [1.0, 0]", "a list of numbers > 0")),
+    ("reduction_factor: 1", TuneACRConfig, "reduction_factor: 1\n", ("reduction_factor = 1", "a number > 1")),
+    ("pipeline section range", PipelineConfig, "masks: {threshold: 2}\n",
+     ("the `masks:` section", "threshold = 2", "in [0, 1]")),
 ]
 
 
@@ -243,6 +254,11 @@ def test_config_yaml(tmp_path, capsys, cls, text, fragments):
 CONFIG_FLAGS = [
     ("--threshold high", MakeMasksConfig, ["--threshold", "high"], ("--threshold", "invalid float value: 'high'")),
     ("--format pdf", PrepareConfig, ["--format", "pdf"], ("--format", "invalid choice: 'pdf'")),
+    ("--threshold 1.5", MakeMasksConfig, ["--threshold", "1.5"], ("--threshold: threshold = 1.5", "in [0, 1]")),
+    ("--threshold -0.5", EvaluateConfig, ["--threshold", "-0.5"], ("--threshold: threshold = -0.5", "in [0, 1]")),
+    ("--max-errors -1", PrepareConfig, ["--max-errors", "-1"], ("--max-errors: max_errors = -1", "an integer >= 0")),
+    ("--batch-size 0", PrepareConfig, ["--batch-size", "0"], ("--batch-size: batch_size = 0", "an integer >= 1")),
+    ("--num-actors 0", SegmentConfig, ["--num-actors", "0"], ("num_actors = 0", ">= 1 or null")),
     ("--min-size 8 --max-size 4", PrepareConfig, ["--min-size", "8", "--max-size", "4"],
      ("min_size 8, max_size 4", "32 <= min_size <= max_size")),
     ("--config that does not exist", PrepareConfig, ["--config", "/nonexistent/job.yaml"],

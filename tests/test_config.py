@@ -2,8 +2,11 @@
 flags on top of the YAML. Bad values are rows of tests/test_bad_inputs.py."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
+
+import pytest
 
 import yaml
 
@@ -12,7 +15,9 @@ from ray_wsss.core import config as config_lib
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.stages.extract_seeds import ExtractSeedsConfig
 from ray_wsss.stages.make_masks import MakeMasksConfig
+from ray_wsss.stages.pipeline import PipelineConfig, stage_configs
 from ray_wsss.stages.prepare_data import PrepareConfig
+from ray_wsss.stages.tune_acr import TuneACRConfig
 
 sys.path.insert(0, str(REPO / "jobs"))
 _cli = importlib.import_module("_cli")
@@ -52,3 +57,11 @@ def test_describe_says_what_is_allowed():
     assert config_lib.describe(tuple[float, ...], {"gt": 0}) == "a list of numbers > 0"
     assert config_lib.describe(str, {"choices": ("a", "b")}) == "one of ['a', 'b']"
     assert config_lib.describe(bool) == "true or false"
+
+
+@pytest.mark.parametrize("cls", [*stage_configs().values(), PipelineConfig, TuneACRConfig],
+                         ids=lambda cls: cls.__name__)
+def test_every_default_passes_its_own_checks(cls):
+    defaults = cls()
+    values = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(cls)}
+    assert config_lib.from_dict(cls, values) == defaults

@@ -21,7 +21,7 @@ class EvaluateConfig:
     kind: str = option("seeds", "what --pred holds", choices=KINDS)
     out: str | None = option(None, "where summary.json goes (default: <pred>/eval)")
     split: str | None = option(None, "comma-separated splits to score (default: all)")
-    threshold: float | None = option(None, "seeds: score at this background threshold instead of sweeping")
+    threshold: float | None = option(None, "seeds: score at this background threshold instead of sweeping", min=0, max=1)
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
 

@@ -33,7 +33,7 @@ class PipelineConfig:
     split: str = option("train,val", "splits to prepare; the first trains, the last is scored")
     method: str = option("acr", "classifier method", choices=METHODS)
     use_gpu: bool = option(False, "GPUs for training, seeds and segmentation")
-    num_workers: int = option(1, "Ray Train workers for both trainings")
+    num_workers: int = option(1, "Ray Train workers for both trainings", min=1)
     prepare: dict = dataclasses.field(default_factory=dict)   # YAML only: per-stage overrides
     train: dict = dataclasses.field(default_factory=dict)
     seeds: dict = dataclasses.field(default_factory=dict)
