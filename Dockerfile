@@ -4,7 +4,27 @@
 #   CPU nodes: docker build --build-arg RAY_IMAGE_VARIANT=cpu \
 #                --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
 #                -t ghcr.io/your-org/ray-wsss:0.1.0-cpu .
+#
+# Two stages: `build` has the C/C++ toolchain and compiles the wheels PyPI has only as source
+# (pydensecrf2; pycocotools where no wheel fits); the runtime image installs those wheels and never
+# sees a compiler. Needs BuildKit (the default builder since Docker 23) for RUN --mount.
 ARG RAY_IMAGE_VARIANT=gpu
+
+FROM rayproject/ray:2.60.0-py311-${RAY_IMAGE_VARIANT} AS build
+USER root
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /tmp/build \
+    && chown ray /tmp/build
+USER ray
+WORKDIR /tmp/build
+COPY --chown=ray pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > requirements.txt \
+    && grep -E '^(pydensecrf2|pycocotools)\b' requirements.txt > compiled.txt \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir wheels -r compiled.txt
+
 FROM rayproject/ray:2.60.0-py311-${RAY_IMAGE_VARIANT}
 
 # Optional index for torch/torchvision (e.g. .../whl/cpu, or .../whl/cu126 to match an older driver).
@@ -12,26 +32,23 @@ FROM rayproject/ray:2.60.0-py311-${RAY_IMAGE_VARIANT}
 ARG TORCH_INDEX_URL=""
 ARG APP_DIR=/home/ray/ray-wsss
 
-# pydensecrf2 is built from its source distribution at install time: it needs a C/C++ toolchain.
 USER root
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
-    && rm -rf /var/lib/apt/lists/* \
-    && mkdir -p ${APP_DIR} \
+RUN mkdir -p ${APP_DIR} \
     && chown ray ${APP_DIR}
 USER ray
 WORKDIR ${APP_DIR}
 
-# Dependencies from pyproject.toml alone, so editing the code does not redo this layer.
+# Dependencies from pyproject.toml alone, so editing the code does not redo this layer. The build
+# stage's requirements and wheels are mounted, not copied: no layer keeps them. --only-binary: the
+# compiled packages must come from those wheels (there is no compiler here to build them).
 # boto3: the autoscaler on the head launches EC2 nodes with it.
 COPY --chown=ray pyproject.toml ./
-RUN if [ -n "${TORCH_INDEX_URL}" ]; then \
+RUN --mount=type=bind,from=build,source=/tmp/build,target=/tmp/build \
+    if [ -n "${TORCH_INDEX_URL}" ]; then \
         pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch torchvision; \
     fi \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt boto3 \
-    && rm /tmp/requirements.txt
+    && pip install --no-cache-dir --find-links /tmp/build/wheels --only-binary pydensecrf2,pycocotools \
+        -r /tmp/build/requirements.txt boto3
 
 # The code: the library is installed, jobs/ stays here for `python /home/ray/ray-wsss/jobs/...`.
 COPY --chown=ray README.md ./

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from ray_wsss.core import config as config_lib
+from ray_wsss.core.errors import WsssError
 from ray_wsss.core.storage import StorageOptions
 
 T = TypeVar("T")
@@ -42,11 +43,12 @@ def parse_config(cls: type[T], description: str, argv: list[str] | None = None) 
                              args.pop("s3_access_key"), args.pop("s3_secret_key"))
     yaml_uri = args.pop("config")
     overrides = {k: v for k, v in args.items() if v is not None}
-    if any(f.name == "storage" for f in dataclasses.fields(cls)):
-        overrides["storage"] = options
+    storage_flags = {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
+    if storage_flags and any(f.name == "storage" for f in dataclasses.fields(cls)):
+        overrides["storage"] = storage_flags  # on top of the YAML's `storage:` section, key by key
     try:
         return config_lib.load(cls, yaml_uri, overrides, options)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, WsssError) as err:  # a bad value, or a --config file that cannot be read
         parser.error(str(err))
 
 
@@ -61,6 +63,8 @@ def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, kind: A
         default = None
     if "default" not in help_text:  # some help texts already say how the default is chosen
         help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+    if {"min", "max", "gt"} & set(field.metadata):
+        help_text += f"; {config_lib.describe(kind, field.metadata)}"
     choices = field.metadata.get("choices")
     if kind is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -78,15 +82,17 @@ def init_ray() -> None:
     import ray
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV, private_auth_token
+
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    private_auth_token(create=not address)  # Ray would write a new local cluster's token world-readable
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # a local Ray: no dashboard unless ray[default] is installed
-        from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV
-
         ray.init(log_to_driver=True, runtime_env=LOCAL_RUNTIME_ENV)
+    private_auth_token(create=False)  # whatever Ray wrote or found, readable by this user only
 
 
 def print_summary(summary: dict[str, Any]) -> None:

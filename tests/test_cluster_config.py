@@ -6,11 +6,15 @@ prepare/validate code (the one `ray up` runs), the rest is parsed statically.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import os
 import re
 import shlex
+import stat
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -151,6 +155,186 @@ def test_token_auth_on_every_node(raw_config):
         assert start and all("RAY_AUTH_MODE=token" in c for c in start), key
 
 
+# ---------------------------------------------------------------- network exposure
+
+def _security_group_script():
+    spec = importlib.util.spec_from_file_location("aws_security_group", REPO / "scripts" / "aws_security_group.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SG_SCRIPT = _security_group_script()
+MY_CIDR = "198.18.7.21/32"  # stands for the user's own network in these tests
+
+
+def _with_cidr(raw_config: dict, cidr: str) -> dict:
+    config = copy.deepcopy(raw_config)
+    config["provider"]["security_group"]["IpPermissions"][0]["IpRanges"][0]["CidrIp"] = cidr
+    return config
+
+
+def test_ssh_only_from_a_cidr_the_user_sets(raw_config):
+    group = raw_config["provider"]["security_group"]
+    assert group["GroupName"]
+    (rule,) = group["IpPermissions"]
+    assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22)
+    # The shipped CIDR is a placeholder that reaches nobody, and the script refuses it until it is set.
+    problems = SG_SCRIPT.ingress_problems(group["IpPermissions"])
+    assert len(problems) == 1 and "placeholder" in problems[0]
+    assert SG_SCRIPT.ingress_problems(_with_cidr(raw_config, MY_CIDR)["provider"]["security_group"]["IpPermissions"]) == []
+    for everyone in ("0.0.0.0/0", "::/0"):
+        assert "whole internet" in SG_SCRIPT.ingress_problems([{**rule, "IpRanges": [{"CidrIp": everyone}]}])[0]
+
+
+def test_every_node_uses_the_prepared_group_so_ray_adds_no_rule(raw_config):
+    """With SecurityGroupIds on every node type, Ray's AWS bootstrap creates and changes no group
+    (it returns before calling AWS at all)."""
+    ids = {json.dumps(t["node_config"].get("SecurityGroupIds")) for t in _node_types(raw_config).values()}
+    assert len(ids) == 1 and ids != {"null"}
+    from ray.autoscaler._private.aws.config import _configure_security_group
+
+    config = prepare_config(copy.deepcopy(raw_config))
+    assert _configure_security_group(copy.deepcopy(config)) == config
+
+
+@pytest.fixture()
+def aws(monkeypatch):
+    """moto's in-process AWS (a default VPC with subnets in every zone); never the loopback S3 server."""
+    from moto import mock_aws
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        import boto3
+
+        yield boto3.client("ec2", region_name="us-west-2")
+
+
+def _ingress(ec2, group_id: str) -> list[dict]:
+    return ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]["IpPermissions"]
+
+
+def test_the_script_group_then_ray_bootstrap_leave_ssh_to_the_cidr(raw_config, aws):
+    from ray.autoscaler._private.aws.config import _configure_security_group, _configure_subnet
+
+    config = _with_cidr(raw_config, MY_CIDR)
+    group_id = SG_SCRIPT.ensure_group(config, ec2=aws)
+    assert SG_SCRIPT.ensure_group(config, ec2=aws) == group_id  # found again, not created twice
+    for node_type in _node_types(config).values():
+        node_type["node_config"]["SecurityGroupIds"] = [group_id]
+    bootstrapped = _configure_security_group(_configure_subnet(prepare_config(config)))
+    assert {tuple(t["node_config"]["SecurityGroupIds"]) for t in _node_types(bootstrapped).values()} == {(group_id,)}
+    rules = _ingress(aws, group_id)
+    open_to = {(r.get("FromPort"), ip["CidrIp"]) for r in rules for ip in r["IpRanges"]}
+    assert open_to == {(22, MY_CIDR)}
+    (nodes,) = [r for r in rules if r["IpProtocol"] == "-1"]
+    assert [pair["GroupId"] for pair in nodes["UserIdGroupPairs"]] == [group_id]  # node to node only
+
+
+def test_ray_bootstrap_alone_would_open_ssh_to_everyone(raw_config, aws):
+    """Why the script exists: a group Ray 2.60 creates gets SSH from 0.0.0.0/0 next to the configured
+    CIDR. If this starts failing, Ray has fixed it and the script may go."""
+    from ray.autoscaler._private.aws.config import _configure_security_group, _configure_subnet
+
+    config = _with_cidr(raw_config, MY_CIDR)
+    for node_type in _node_types(config).values():
+        node_type["node_config"].pop("SecurityGroupIds")
+    bootstrapped = _configure_security_group(_configure_subnet(prepare_config(config)))
+    group_id = _node_types(bootstrapped)["head"]["node_config"]["SecurityGroupIds"][0]
+    assert (22, "0.0.0.0/0") in {(r.get("FromPort"), ip["CidrIp"]) for r in _ingress(aws, group_id) for ip in r["IpRanges"]}
+
+
+def test_the_script_refuses_an_open_config_or_group(raw_config, aws):
+    with pytest.raises(SG_SCRIPT.SecurityGroupError, match="placeholder"):
+        SG_SCRIPT.ensure_group(raw_config, ec2=aws)
+    with pytest.raises(SG_SCRIPT.SecurityGroupError, match="whole internet"):
+        SG_SCRIPT.ensure_group(_with_cidr(raw_config, "0.0.0.0/0"), ec2=aws)
+    vpc = aws.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    name = raw_config["provider"]["security_group"]["GroupName"]
+    existing = aws.create_security_group(GroupName=name, VpcId=vpc, Description="made by hand")["GroupId"]
+    aws.authorize_security_group_ingress(GroupId=existing, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+    with pytest.raises(SG_SCRIPT.SecurityGroupError, match=f"{existing}.*already exists and is open"):
+        SG_SCRIPT.ensure_group(_with_cidr(raw_config, MY_CIDR), ec2=aws)
+
+
+def test_dashboard_listens_on_the_head_only(raw_config):
+    """Reached through `ray dashboard cluster.yaml` (SSH -L to the head's localhost), never bound to 0.0.0.0."""
+    start = " ".join(raw_config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start
+    assert "0.0.0.0" not in json.dumps(raw_config)
+    assert "ray dashboard cluster.yaml" in (REPO / "README.md").read_text()
+
+
+def test_rayjob_dashboard_stays_inside_the_cluster(rayjob):
+    """KubeRay's operator polls the dashboard through the head Service, so it must listen on the pod
+    network there; it is never exposed beyond the cluster (no LoadBalancer, NodePort or Ingress)."""
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress", False)
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+
+
+# ---------------------------------------------------------------- the local Ray token file
+
+TOKEN_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    """A private HOME, so the tests never touch the user's own ~/.ray/auth_token."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in TOKEN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_new_token_is_private_and_an_existing_one_kept(home):
+    path = cluster.private_auth_token(create=True)
+    assert path == home / ".ray" / "auth_token"
+    assert _mode(path) == 0o600 and _mode(path.parent) == 0o700
+    token = path.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token)  # what Ray's own generator writes
+    assert cluster.private_auth_token(create=True).read_text() == token
+
+
+def test_a_readable_token_is_tightened(home):
+    path = home / ".ray" / "auth_token"
+    path.parent.mkdir()
+    path.write_text("0" * 64)
+    path.chmod(0o644)
+    assert cluster.private_auth_token(create=False) == path
+    assert _mode(path) == 0o600 and path.read_text() == "0" * 64
+
+
+def test_no_token_file_is_made_when_ray_needs_none(home, monkeypatch):
+    assert cluster.private_auth_token(create=False) is None  # joining a cluster: never invent a token
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert cluster.private_auth_token(create=True) is None
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "f" * 64)
+    assert cluster.private_auth_token(create=True) is None
+    assert not (home / ".ray").exists()
+
+
+def test_a_job_starting_local_ray_leaves_the_token_private(home):
+    """The jobs' init_ray() on a fresh HOME under umask 022: Ray 2.60 itself writes the token 0644."""
+    code = ("import sys; sys.path.insert(0, 'jobs'); import _cli, ray; _cli.init_ray(); "
+            "assert ray.cluster_resources()['CPU'] >= 1; ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k not in TOKEN_ENV}
+    with tempfile.TemporaryDirectory(prefix="rt", dir="/tmp") as ray_tmp:  # short: Ray's socket paths
+        env.update(HOME=str(home), RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO))  # RAY_TMPDIR: join no other Ray
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=300,
+                       preexec_fn=lambda: os.umask(0o022))
+    path = home / ".ray" / "auth_token"
+    assert _mode(path) == 0o600 and re.fullmatch(r"[0-9a-f]{64}", path.read_text())
+
+
 # ---------------------------------------------------------------- pool_resources
 
 def test_pool_resources_empty_without_the_pool():
@@ -259,37 +443,65 @@ def dockerfile() -> list[tuple[str, str]]:
     return _instructions((REPO / "Dockerfile").read_text())
 
 
+def _stages(dockerfile: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The instructions of each build stage, its FROM first (the global ARGs before the first are dropped)."""
+    stages: list[list[tuple[str, str]]] = []
+    for keyword, args in dockerfile:
+        if keyword == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((keyword, args))
+    return stages
+
+
 def test_dockerfile_base_is_the_pinned_ray(dockerfile):
-    keywords = [k for k, _ in dockerfile]
-    (from_index,) = [i for i, k in enumerate(keywords) if k == "FROM"]
-    assert ("ARG", "RAY_IMAGE_VARIANT=gpu") in dockerfile[:from_index]
-    assert dockerfile[from_index][1] == f"rayproject/ray:{RAY_VERSION}-{PY_TAG}-${{RAY_IMAGE_VARIANT}}"
+    first_from = next(i for i, (k, _) in enumerate(dockerfile) if k == "FROM")
+    assert ("ARG", "RAY_IMAGE_VARIANT=gpu") in dockerfile[:first_from]
+    base = f"rayproject/ray:{RAY_VERSION}-{PY_TAG}-${{RAY_IMAGE_VARIANT}}"
+    build, runtime = _stages(dockerfile)
+    assert build[0][1] == f"{base} AS build" and runtime[0][1] == base  # the wheels fit the runtime's Python
+
+
+def test_dockerfile_keeps_the_compiler_in_the_build_stage(dockerfile):
+    build, runtime = _stages(dockerfile)
+    compiler = re.compile(r"\b(build-essential|gcc|g\+\+|clang|apt-get)\b")
+    assert any(compiler.search(a) for k, a in build if k == "RUN")
+    assert not [a for _, a in runtime if compiler.search(a)]
+    (wheel,) = [a for k, a in build if k == "RUN" and "pip wheel" in a]
+    compiled = re.search(r"grep -E '\^\((.*?)\)", wheel).group(1).split("|")
+    names = {re.split(r"[=<>\[ ]", d)[0] for d in PYPROJECT["project"]["dependencies"]}
+    assert "pydensecrf2" in compiled and set(compiled) <= names
+    (install,) = [a for k, a in runtime if k == "RUN" and "-r /tmp/build/requirements.txt" in a]
+    assert "--mount=type=bind,from=build" in install  # mounted: no layer keeps the wheels
+    assert f"--only-binary {','.join(compiled)}" in install and "--find-links /tmp/build/wheels" in install
 
 
 def test_dockerfile_installs_only_at_build_time(dockerfile):
     keywords = [k for k, _ in dockerfile]
     assert not {"ENTRYPOINT", "CMD"} & set(keywords), "keep the base image's; Ray's launchers run `ray start`"
-    users = [a for k, a in dockerfile if k == "USER"]
-    assert users[-1] == "ray"
-    user = "ray"
-    for keyword, args in dockerfile:
-        user = args if keyword == "USER" else user
-        if "apt-get" in args:
-            assert keyword == "RUN" and user == "root", args
-        if "pip install" in args:
-            assert not re.search(r"--force-reinstall|--upgrade|\s-U\b", args), args
+    for stage in _stages(dockerfile):
+        user = "ray"  # the base image's user; USER does not carry over between stages
+        for keyword, args in stage:
+            user = args if keyword == "USER" else user
+            if "apt-get" in args:
+                assert keyword == "RUN" and user == "root", args
+            if "pip install" in args:
+                assert not re.search(r"--force-reinstall|--upgrade|\s-U\b", args), args
+        assert user == "ray"
 
 
 def test_dockerfile_layers_deps_before_code(dockerfile):
+    runtime = _stages(dockerfile)[-1]
+
     def index(pred) -> int:
-        return next(i for i, (k, a) in enumerate(dockerfile) if pred(k, a))
+        return next(i for i, (k, a) in enumerate(runtime) if pred(k, a))
 
     pyproject = index(lambda k, a: k == "COPY" and a.split()[-2] == "pyproject.toml")
-    deps = index(lambda k, a: k == "RUN" and "pip install" in a and "-r /tmp/requirements.txt" in a)
+    deps = index(lambda k, a: k == "RUN" and "pip install" in a and "-r /tmp/build/requirements.txt" in a)
     code = index(lambda k, a: k == "COPY" and "ray_wsss" in a)
     project = index(lambda k, a: k == "RUN" and "pip install" in a and a.rstrip().split("&&")[0].strip().endswith("."))
     assert pyproject < deps < code < project
-    assert "--no-deps" in dockerfile[project][1]
+    assert "--no-deps" in runtime[project][1]
 
 
 def test_dockerfile_requirements_are_pyprojects(dockerfile):

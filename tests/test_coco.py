@@ -180,3 +180,24 @@ def test_bad_annotation_files_name_the_file(tmp_path):
     no_ids.write_text(json.dumps({"images": []}))
     with pytest.raises(WsssError, match="lack the keys"):
         CocoSource(str(no_ids))
+
+
+def test_listed_ids_are_the_row_ids_with_folders(tmp_path):
+    """Resume skips listed ids that are staged as rows, so the two must be made alike: with a folder
+    in file_name, the listing once said "train2017/000000000790" and the row "000000000790"."""
+    dataset = json.loads(ANNOTATIONS.read_text())
+    dataset["images"] = dataset["images"][:3]
+    kept = {info["id"] for info in dataset["images"]}
+    dataset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] in kept]
+    for info in dataset["images"]:
+        info["file_name"] = f"train2017/{info['file_name']}"
+        (tmp_path / "train2017").mkdir(exist_ok=True)
+        (tmp_path / info["file_name"]).write_bytes((COCO / "images" / info["file_name"].split("/")[1]).read_bytes())
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(dataset))
+    source = CocoSource(str(path))
+    images, errors = source.list_images()
+    assert errors == [] and len(images) == 3
+    for coco_id, image_id, file_name in images:
+        row = source.sample(coco_id, (tmp_path / file_name).read_bytes(), "train")
+        assert row["image_id"] == image_id == file_name.split("/")[1].rsplit(".", 1)[0]

@@ -144,3 +144,31 @@ def test_synthetic_rerun_is_skipped_and_resume_finishes_missing(tmp_path):
                         storage.read_bytes(storage.join(out, "samples", "train-00001.parquet")))
     with pytest.raises(WsssError, match="planned differently"):
         run(PrepareConfig(out=third, num_train=12, num_val=4, rows_per_file=12))
+
+
+def test_coco_resume_with_folders_in_file_names_writes_each_image_once(tmp_path):
+    """A resumed run skips what the crashed one staged: listing ids and row ids must agree when
+    file_name has a folder (they did not, and every row was written a second time)."""
+    from conftest import COCO_MINI
+
+    dataset = json.loads((COCO_MINI / "instances_train2017_subset.json").read_text())
+    dataset["images"] = dataset["images"][:6]
+    kept = {image["id"] for image in dataset["images"]}
+    dataset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] in kept]
+    (tmp_path / "images" / "train2017").mkdir(parents=True)
+    for image in dataset["images"]:
+        shutil.copy(COCO_MINI / "images" / image["file_name"], tmp_path / "images" / "train2017")
+        image["file_name"] = "train2017/" + image["file_name"]
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps(dataset))
+    cfg = dict(format="coco", src=str(tmp_path / "images"), annotations=str(annotations), split="train", batch_size=2,
+               rows_per_file=4)
+
+    full = str(tmp_path / "full")
+    run(PrepareConfig(out=full, **cfg))
+    crashed = str(tmp_path / "crashed")  # it had staged the first of the two files
+    storage.write_bytes(storage.join(commit.staging_uri(crashed, "samples"), "train-00000.parquet"),
+                        storage.read_bytes(storage.join(full, "samples", "train-00000.parquet")))
+    resumed = run(PrepareConfig(out=crashed, **cfg))
+    ids = commit.read_table(crashed, "samples").column("image_id").to_pylist()
+    assert resumed["rows"] == 6 and sorted(ids) == sorted(set(ids)) == sorted(_rows(full))

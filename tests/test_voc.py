@@ -18,7 +18,9 @@ def test_class_order_is_the_standard_one():
 
 def test_good_records_read_back_exactly(tmp_path):
     tree = make_voc_tree(tmp_path)
-    assert voc.list_voc_ids(tree["root"], "train") == tree["ids"]
+    listed, errors = voc.list_voc_ids(tree["root"], "train")
+    assert list(listed) == tree["ids"] and errors == []
+    assert list(listed.values()) == [1, 2, 3, 4]  # line numbers, for error messages
     for image_id in tree["ids"]:
         row = voc.read_voc_sample(tree["root"], image_id, "train")
         assert set(row) == set(SAMPLES.names)
@@ -50,8 +52,8 @@ def test_label_sources(tmp_path):
 
 def test_each_bad_record_names_its_file_and_problem(tmp_path):
     tree = make_voc_tree(tmp_path, bad_records=True)
-    listed = voc.list_voc_ids(tree["root"], "train")
-    assert listed == tree["ids"] + list(tree["bad"])
+    listed, _ = voc.list_voc_ids(tree["root"], "train")
+    assert list(listed) == tree["ids"] + list(tree["bad"])
     for image_id, (path, fragment) in tree["bad"].items():
         with pytest.raises(RecordError) as info:
             voc.read_voc_sample(tree["root"], image_id, "train")
@@ -77,3 +79,14 @@ def test_split_file_problems(tmp_path):
     (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("\n\n")
     with pytest.raises(WsssError, match="split val lists no images"):
         voc.list_voc_ids(tree["root"], "val")
+
+
+@pytest.mark.parametrize("image_id", ["../outside", "/etc/passwd", "JPEGImages/2007_000032", "s3://b/x"])
+def test_ids_outside_the_root_are_never_read(tmp_path, image_id):
+    """The adapter itself refuses them (listing does too), before it reads anything."""
+    tree = make_voc_tree(tmp_path / "VOC2012")
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "JPEGImages" / "outside.jpg").write_bytes(tree["images"]["2007_000032"])
+    with pytest.raises(RecordError, match="not read") as info:
+        voc.read_voc_sample(tree["root"], image_id, "train")
+    assert info.value.image_id == image_id

@@ -26,10 +26,42 @@ VOC_PALETTE = _voc_palette()
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> uint8 [H, W, 3] RGB, whatever the stored mode (L, P, CMYK, RGBA)."""
+    """Encoded image bytes -> uint8 [H, W, 3] RGB, whatever the stored mode (L, P, CMYK, RGBA, 16-bit).
+
+    Pillow's ``convert("RGB")`` clips the 16-bit and 32-bit grey modes to 255 (a 16-bit PNG turns
+    all white), so those are scaled by their bit depth here; float images must lie in [0, 1].
+    Raises ValueError for an image whose values have no known scale.
+    """
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # raises on truncated data instead of returning a grey tail
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            grey = _high_depth_to_uint8(img)
+            return np.repeat(grey[..., None], 3, axis=2)
         return np.array(img.convert("RGB"))  # a writable copy: pydensecrf refuses read-only buffers
+
+
+def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
+    """A 16-bit / 32-bit integer or float grey image -> uint8 [H, W] by its bit depth (floats: [0, 1])."""
+    values = np.asarray(img)
+    if img.mode == "F":
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise ValueError(f"float image values must lie in [0, 1], got {values.min()}..{values.max()}")
+        return np.round(values * 255).astype(np.uint8)
+    bits = _bit_depth(img)
+    if values.min() < 0 or values.max() >= 2 ** bits:
+        raise ValueError(f"{img.mode} image values {values.min()}..{values.max()} do not fit its {bits} bits")
+    return (values.astype(np.int64) >> (bits - 8)).astype(np.uint8)  # as Pillow reads 16-bit RGB PNGs
+
+
+def _bit_depth(img: Image.Image) -> int:
+    """Bits per sample of an integer grey image: its TIFF header's (12-bit data sits in 16-bit
+    samples), else its mode's."""
+    tiff_bits = getattr(img, "tag_v2", {}).get(258)  # BitsPerSample
+    if tiff_bits:
+        return int(tiff_bits[0] if isinstance(tiff_bits, tuple) else tiff_bits)
+    if img.mode.startswith("I;16") or img.format == "PNG":  # older Pillow opened 16-bit grey PNGs as "I"
+        return 16
+    raise ValueError(f"{img.format} image of mode {img.mode} (32-bit integers) has no known bit depth")
 
 
 def image_size(data: bytes) -> tuple[int, int]:

@@ -40,11 +40,11 @@ class StageConfig:
     """What every batch stage's config has; a stage's config dataclass subclasses it."""
 
     out: str = option("runs/default/out", "output URI (local path or s3://)")
-    batch_size: int = option(8, "records per batch an actor processes at once")
+    batch_size: int = option(8, "records per batch an actor processes at once", min=1)
     use_gpu: bool = option(False, "one GPU per actor")
     num_actors: int | None = option(None, "most actors in the pool (default: as many as the cluster's resources allow, "
-                                          "growing with an autoscaling cluster)")
-    max_errors: int | None = option(None, "fail when more records than this fail (default: never)")
+                                          "growing with an autoscaling cluster)", min=1)
+    max_errors: int | None = option(None, "fail when more records than this fail (default: never)", min=0)
     overwrite: bool = option(False, "redo a stage that is already committed")
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 

@@ -23,7 +23,14 @@ must share a GPU node without holding a GPU.
 """
 from __future__ import annotations
 
+import logging
+import os
+import secrets
+import stat
 from collections.abc import Mapping
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 CPU_POOL_RESOURCE = "crf_pool"
 GPU_POOL_RESOURCE = "gpu_pool"
@@ -84,3 +91,37 @@ def quiet_worker_logging() -> None:
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def private_auth_token(create: bool) -> Path | None:
+    """Keep Ray's token file readable by this user only; with ``create``, write it before Ray does.
+
+    Ray 2.60's ``ray.init()`` starting a local cluster turns token auth on and, when there is no
+    token, writes ``~/.ray/auth_token`` with the process umask: 0644 under the usual 022, so any
+    local user could read the token and run code on the cluster. With ``create`` (a job about to
+    start a local cluster) a missing default token file is written first, 0600 in a 0700 folder,
+    holding the same kind of token as Ray's generator (``secrets.token_hex(32)``); Ray then finds it
+    and writes nothing. A token file readable by others is made 0600. Returns the file, or None when
+    the token comes from ``RAY_AUTH_TOKEN``, auth is disabled, or there is no file.
+    """
+    env = os.environ
+    if env.get("RAY_AUTH_MODE", "").lower() == "disabled" or env.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    if create and "RAY_AUTH_TOKEN_PATH" not in env:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # keep the existing token: other clusters and clients use it
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            log.info("wrote a new Ray auth token to %s (readable by you only)", path)
+    if not path.is_file():
+        return None
+    info = path.stat()
+    if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.getuid():
+        path.chmod(0o600)
+        log.warning("%s was readable by other users (mode %o); it is now 0600", path, stat.S_IMODE(info.st_mode))
+    return path

@@ -29,10 +29,10 @@ KINDS = ("seeds", "masks")
 @dataclasses.dataclass
 class EvaluateConfig(batch_stage.DataStageConfig):
     out: str | None = option(None, "where summary.json goes (default: <pred>/eval)")
-    batch_size: int = option(32, "predictions an actor scores per batch")
+    batch_size: int = option(32, "predictions an actor scores per batch", min=1)
     pred: str = option("runs/default/seeds", "seeds or masks stage URI")
     kind: str = option("seeds", "what --pred holds", choices=KINDS)
-    threshold: float | None = option(None, "seeds: score at this background threshold instead of sweeping")
+    threshold: float | None = option(None, "seeds: score at this background threshold instead of sweeping", min=0, max=1)
 
     def out_uri(self) -> str:
         return self.out or storage.join(self.pred, "eval")

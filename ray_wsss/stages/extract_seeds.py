@@ -33,12 +33,12 @@ SCORES_FORMAT = "npy float16 [len(classes), height, width]"
 class ExtractSeedsConfig(batch_stage.DataStageConfig):
     out: str = option("runs/default/seeds", "output URI")
     checkpoint: str = option("runs/default/train", "a checkpoint dir, or a training job's --out (its latest checkpoint)")
-    scales: tuple[float, ...] = option((1.0,), "test-time scales")
+    scales: tuple[float, ...] = option((1.0,), "test-time scales", gt=0)
     flip: bool = option(True, "add horizontally flipped inputs")
-    layers: int | None = option(None, "last layers whose maps are combined (default: 2 for ACR/baseline, 3 for MCTformer)")
+    layers: int | None = option(None, "last layers whose maps are combined (default: 2 for ACR/baseline, 3 for MCTformer)", min=1)
     refine: bool = option(True, "refine with patch-to-patch attention (--no-refine: ACR*)")
     refine_layers: tuple[int, ...] | None = option(None, "blocks whose patch affinity refines (default: all)")
-    base_size: int | None = option(None, "resize the longer image side to this before scaling (default: native)")
+    base_size: int | None = option(None, "resize the longer image side to this before scaling (default: native)", min=1)
 
 
 class SeedExtractor:

@@ -39,25 +39,25 @@ NODES_DIR = "worker_nodes"  # under <out>/_staging/: one empty marker per node w
 @dataclasses.dataclass
 class MakeMasksConfig(batch_stage.DataStageConfig):
     out: str = option("runs/default/masks", "output URI")
-    batch_size: int = option(4, "images per batch")
+    batch_size: int = option(4, "images per batch", min=1)
     seeds: str = option("runs/default/seeds", "seeds stage URI")
     split: str | None = option(None, "comma-separated splits (default: every split the seeds table has)")
-    threshold: float | None = option(None, "background threshold (or --threshold-from)")
+    threshold: float | None = option(None, "background threshold (or --threshold-from)", min=0, max=1)
     threshold_from: str | None = option(None, "an evaluation summary.json whose best threshold to use, e.g. "
                                               "<seeds>/eval/summary.json (what the pipeline passes)")
     background: str = option("threshold", "background score: constant threshold, or PSA (1-max)^alpha", choices=("threshold", "power"))
-    power_alpha: float = option(8.0, "alpha of the PSA background")
+    power_alpha: float = option(8.0, "alpha of the PSA background", gt=0)
     crf: bool = option(True, "dense CRF refinement (--no-crf: argmax of the seeds)")
-    crf_iterations: int = option(10, "mean-field iterations")
-    crf_gaussian_sxy: float = option(3.0, "Gaussian kernel spatial std")
-    crf_gaussian_compat: float = option(3.0, "Gaussian kernel compatibility")
-    crf_bilateral_sxy: float = option(80.0, "bilateral kernel spatial std")
-    crf_bilateral_srgb: float = option(13.0, "bilateral kernel colour std")
-    crf_bilateral_compat: float = option(10.0, "bilateral kernel compatibility")
-    crf_scale: float = option(10.0, "logit scale of the seed scores before the softmax unary")
-    ignore_low: float | None = option(None, "pixels with confidence in [low, high) become 255 (off by default)")
-    ignore_high: float | None = option(None, "upper end of the ignore band")
-    num_cpus_per_task: float = option(1.0, "CPUs per CRF actor")
+    crf_iterations: int = option(10, "mean-field iterations", min=1)
+    crf_gaussian_sxy: float = option(3.0, "Gaussian kernel spatial std", gt=0)
+    crf_gaussian_compat: float = option(3.0, "Gaussian kernel compatibility", min=0)
+    crf_bilateral_sxy: float = option(80.0, "bilateral kernel spatial std", gt=0)
+    crf_bilateral_srgb: float = option(13.0, "bilateral kernel colour std", gt=0)
+    crf_bilateral_compat: float = option(10.0, "bilateral kernel compatibility", min=0)
+    crf_scale: float = option(10.0, "logit scale of the seed scores before the softmax unary", gt=0)
+    ignore_low: float | None = option(None, "pixels with confidence in [low, high) become 255 (off by default)", min=0, max=1)
+    ignore_high: float | None = option(None, "upper end of the ignore band", min=0, max=1)
+    num_cpus_per_task: float = option(1.0, "CPUs per CRF actor", gt=0)
 
     def labelling(self, threshold: float) -> LabellingConfig:
         crf = CRFConfig(gaussian_sxy=self.crf_gaussian_sxy, gaussian_compat=self.crf_gaussian_compat,

@@ -33,7 +33,7 @@ class PipelineConfig:
     split: str = option("train,val", "splits to prepare; the first trains, the last is scored")
     method: str = option("acr", "classifier method", choices=list_methods())
     use_gpu: bool = option(False, "GPUs for training, seeds and segmentation")
-    num_workers: int = option(1, "Ray Train workers for both trainings")
+    num_workers: int = option(1, "Ray Train workers for both trainings", min=1)
     prepare: dict = dataclasses.field(default_factory=dict)   # YAML only: per-stage overrides
     train: dict = dataclasses.field(default_factory=dict)
     seeds: dict = dataclasses.field(default_factory=dict)
@@ -41,6 +41,11 @@ class PipelineConfig:
     deeplab: dict = dataclasses.field(default_factory=dict)
     segment: dict = dataclasses.field(default_factory=dict)
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        """Each stage section's types and ranges now, not when its stage starts hours later."""
+        for section, cls in stage_configs().items():
+            setattr(self, section, config_lib.check_fields(cls, getattr(self, section), f"the `{section}:` section"))
 
     def train_split(self) -> str:
         return self.split.split(",")[0].strip()
@@ -50,6 +55,15 @@ class PipelineConfig:
 
     def uri(self, stage: str) -> str:
         return storage.join(self.out, stage)
+
+
+def stage_configs() -> dict[str, type]:
+    """The config class each YAML section of the pipeline fills (imported here: each pulls its stage's deps)."""
+    from ray_wsss.stages import extract_seeds, make_masks, prepare_data, segment, train_acr, train_deeplab
+
+    return {"prepare": prepare_data.PrepareConfig, "train": train_acr.TrainClassifierConfig,
+            "seeds": extract_seeds.ExtractSeedsConfig, "masks": make_masks.MakeMasksConfig,
+            "deeplab": train_deeplab.TrainDeepLabConfig, "segment": segment.SegmentConfig}
 
 
 def _is_prepared(uri: str, options: StorageOptions) -> bool:

@@ -14,23 +14,33 @@ from ray_wsss.harness import batch_stage
 log = logging.getLogger(__name__)
 STAGE = "prepare"
 FORMATS = ("synthetic", "voc", "coco")
+SYNTHETIC_ONLY = ("num_train", "num_val", "min_size", "max_size")  # generator settings; seed has a default
 
 
 @dataclasses.dataclass
 class PrepareConfig(batch_stage.StageConfig):
     out: str = option("runs/default/data", "output URI (local path or s3://)")
-    batch_size: int = option(16, "records an actor reads per batch")
+    batch_size: int = option(16, "records an actor reads per batch", min=1)
     format: str = option("synthetic", "source layout", choices=FORMATS)
     src: str | None = option(None, "source root URI (VOCdevkit/VOC2012, COCO image folder); unused for synthetic")
     split: str = option("train,val", "comma-separated split names, e.g. train_aug,val")
     annotations: str | None = option(None, "COCO instances JSON URI")
     rows_per_file: int = option(256, "sample rows per shard file: the grain of parallelism and of resume for "
-                                     "every later stage")
-    seed: int = option(0, "synthetic: generator seed")
-    num_train: int | None = option(None, "synthetic: train images (default: the generator's)")
-    num_val: int | None = option(None, "synthetic: val images (default: the generator's)")
+                                     "every later stage", min=1)
+    seed: int = option(0, "synthetic: generator seed", min=0)
+    num_train: int | None = option(None, "synthetic: train images (default: the generator's)", min=0)
+    num_val: int | None = option(None, "synthetic: val images (default: the generator's)", min=0)
     min_size: int | None = option(None, "synthetic: smallest image side (default: the generator's)")
     max_size: int | None = option(None, "synthetic: largest image side (default: the generator's)")
+
+    def __post_init__(self) -> None:
+        if not self.splits():
+            raise ValueError(f"split {self.split!r} names no split")
+        generator = [name for name in SYNTHETIC_ONLY if getattr(self, name) is not None]
+        if self.format != "synthetic" and generator:
+            raise ValueError(f"{', '.join(generator)}: generator settings, for format synthetic only (not {self.format})")
+        if self.format == "synthetic":
+            _synthetic_config(self)  # the generator checks its own limits (min_size <= max_size, ...)
 
     def splits(self) -> list[str]:
         return [s.strip() for s in self.split.split(",") if s.strip()]
@@ -88,8 +98,7 @@ def _synthetic_config(cfg: PrepareConfig):
     from ray_wsss.core.data import synthetic
 
     base = synthetic.SyntheticConfig(seed=cfg.seed)
-    overrides = {k: getattr(cfg, k) for k in ("num_train", "num_val", "min_size", "max_size")
-                 if getattr(cfg, k) is not None}
+    overrides = {k: getattr(cfg, k) for k in SYNTHETIC_ONLY if getattr(cfg, k) is not None}
     return dataclasses.replace(base, **overrides)
 
 
@@ -111,9 +120,8 @@ def list_records(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[tuple[s
     if cfg.format == "voc":
         from ray_wsss.core.data import voc
 
-        for split in cfg.splits():
-            records += [{"image_id": i, "split": split} for i in voc.list_voc_ids(cfg.src, split, cfg.storage)]
-        return records, listing_errors, ["background", *voc.VOC_CLASSES]
+        records, listing_errors = voc.list_splits(cfg.src, cfg.splits(), cfg.storage)
+        return records, listing_errors, voc.class_names()
     if cfg.format == "coco":
         from ray_wsss.core.data.coco import CocoSource
 
@@ -123,15 +131,12 @@ def list_records(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[tuple[s
             raise WsssError("COCO takes one --split name per annotations file")
         source = CocoSource(cfg.annotations, cfg.storage)
         split = cfg.splits()[0]
-        for coco_id in source.image_ids():
-            info = source.coco.imgs[coco_id]
-            stem = info["file_name"].rsplit(".", 1)[0]
-            records.append({"image_id": stem, "split": split, "coco_id": coco_id, "file_name": info["file_name"]})
-        for ann in source.orphan_annotations():
-            listing_errors.append((str(ann["image_id"]), f"annotation {ann['id']} names image id "
-                                  f"{ann['image_id']}, which is not in the annotations' images list"))
+        images, listing_errors = source.list_images()
+        records = [{"image_id": image, "split": split, "coco_id": coco_id, "file_name": name}
+                   for coco_id, image, name in images]
         if not records:
-            raise WsssError(f"{cfg.annotations} lists no images")
+            refused = f"; {len(listing_errors)} refused, the first: {listing_errors[0][1]}" if listing_errors else ""
+            raise WsssError(f"{cfg.annotations} lists no images that can be read{refused}")
         return records, listing_errors, source.class_names()
     raise WsssError(f"unknown format {cfg.format!r}; expected one of {FORMATS}")
 

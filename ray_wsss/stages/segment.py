@@ -34,16 +34,16 @@ class SegmentConfig(batch_stage.DataStageConfig):
     out: str = option("runs/default/segment", "output URI")
     split: str | None = option("val", "comma-separated splits to segment")
     checkpoint: str = option("runs/default/deeplab", "a DeepLab checkpoint dir, or train_deeplab's --out (its latest)")
-    scales: tuple[float, ...] = option((1.0,), "test-time scales (the paper: 0.5 0.75 1.0 1.25 1.5)")
+    scales: tuple[float, ...] = option((1.0,), "test-time scales (the paper: 0.5 0.75 1.0 1.25 1.5)", gt=0)
     flip: bool = option(True, "add horizontally flipped inputs")
     crf: bool = option(False, "dense CRF on the fused probabilities")
     # deeplab-pytorch's VOC values, which ACR's segmentation step uses.
-    crf_iterations: int = option(10, "mean-field iterations")
-    crf_gaussian_sxy: float = option(1.0, "Gaussian kernel spatial std")
-    crf_gaussian_compat: float = option(3.0, "Gaussian kernel compatibility")
-    crf_bilateral_sxy: float = option(67.0, "bilateral kernel spatial std")
-    crf_bilateral_srgb: float = option(3.0, "bilateral kernel colour std")
-    crf_bilateral_compat: float = option(4.0, "bilateral kernel compatibility")
+    crf_iterations: int = option(10, "mean-field iterations", min=1)
+    crf_gaussian_sxy: float = option(1.0, "Gaussian kernel spatial std", gt=0)
+    crf_gaussian_compat: float = option(3.0, "Gaussian kernel compatibility", min=0)
+    crf_bilateral_sxy: float = option(67.0, "bilateral kernel spatial std", gt=0)
+    crf_bilateral_srgb: float = option(3.0, "bilateral kernel colour std", gt=0)
+    crf_bilateral_compat: float = option(4.0, "bilateral kernel compatibility", min=0)
 
     def crf_config(self) -> CRFConfig | None:
         if not self.crf:

@@ -46,22 +46,23 @@ METHOD = "deeplab"  # what checkpoints of this trainer say they hold
 class TrainDeepLabConfig(training.TrainingConfig):
     out: str = option("runs/default/deeplab", "output URI for checkpoints, metrics and summary")
     name: str = option("deeplab", "run name; rerunning with the same name resumes")
-    epochs: int = option(10, "epochs")
-    batch_size: int = option(8, "batch size per worker")
+    epochs: int = option(10, "epochs", min=1)
+    batch_size: int = option(8, "batch size per worker", min=1)
     masks: str | None = option(None, "pseudo masks URI (make_masks' --out); not needed with --gt-masks")
     gt_masks: bool = option(False, "train on the samples' ground-truth masks instead (the fully supervised reference)")
     backbone: str = option("resnet18", "dilated ResNet depth (the paper: resnet101)", choices=BACKBONES)
     backbone_weights: str | None = option(None, "torchvision ResNet state dict (ImageNet), local or s3://")
     freeze_bn: bool | None = option(None, "keep the backbone's BatchNorm fixed, as DeepLab-V2 does "
                                       "(default: on with --backbone-weights, off from scratch)")
-    crop: int = option(96, "training crop size (the paper: 321 or 513)")
-    scale_range: tuple[float, ...] = option((0.5, 1.5), "random rescale range: low high")
-    lr: float = option(2.5e-3, "backbone learning rate, the head gets 10x (the paper: 2.5e-4 from ImageNet weights)")
-    weight_decay: float = option(5e-4, "SGD weight decay")
-    momentum: float = option(0.9, "SGD momentum")
-    poly_power: float = option(0.9, "poly decay power")
+    crop: int = option(96, "training crop size (the paper: 321 or 513)", min=1)
+    scale_range: tuple[float, ...] = option((0.5, 1.5), "random rescale range: low high", gt=0)
+    lr: float = option(2.5e-3, "backbone learning rate, the head gets 10x (the paper: 2.5e-4 from ImageNet weights)",
+                       gt=0)
+    weight_decay: float = option(5e-4, "SGD weight decay", min=0)
+    momentum: float = option(0.9, "SGD momentum", min=0, max=1)
+    poly_power: float = option(0.9, "poly decay power", min=0)
     warmup_epochs: float = option(1.0, "linear warm-up before the poly decay (DeepLab-V2 has none; from scratch it "
-                                   "stops the early loss spikes)")
+                                   "stops the early loss spikes)", min=0)
 
     def deeplab_config(self) -> DeepLabConfig:
         return DeepLabConfig(backbone=self.backbone, backbone_weights=self.backbone_weights)

@@ -50,33 +50,33 @@ class TuneACRConfig:
     data: str = option("runs/default/data", "sample shards URI (prepare_data's --out)")
     out: str = option("runs/default/tune", "output URI: Tune state, per-trial runs, best_config.yaml")
     name: str = option("tune_acr", "Tune experiment name")
-    num_samples: int = option(8, "trials to sample (each grid point gets this many)")
-    max_concurrent_trials: int | None = option(None, "default: the cluster's GPUs / GPUs per trial, else what its CPUs run without a hang")
-    epochs: int = option(6, "training epochs per trial")
-    grace_period: int = option(1, "ASHA: epochs every trial trains before it can be stopped")
-    reduction_factor: float = option(2.0, "ASHA: a rung keeps the best 1/reduction_factor of trials")
+    num_samples: int = option(8, "trials to sample (each grid point gets this many)", min=1)
+    max_concurrent_trials: int | None = option(None, "default: the cluster's GPUs / GPUs per trial, else what its CPUs run without a hang", min=1)
+    epochs: int = option(6, "training epochs per trial", min=1)
+    grace_period: int = option(1, "ASHA: epochs every trial trains before it can be stopped", min=1)
+    reduction_factor: float = option(2.0, "ASHA: a rung keeps the best 1/reduction_factor of trials", gt=1)
     asha_metric: str = option("val_map", "per-epoch held-out metric ASHA compares (maximised)")
     eval_split: str = option("val", "labelled split (with gt masks) whose seed mIoU is the objective")
-    alpha: tuple[float, ...] = option((0.0, 1.0, 5.0, 25.0, 125.0), "Lact weight: values (choice, grid) or low high (loguniform, uniform)")
+    alpha: tuple[float, ...] = option((0.0, 1.0, 5.0, 25.0, 125.0), "Lact weight: values (choice, grid) or low high (loguniform, uniform)", min=0)
     alpha_sampling: str = option("choice", "how alpha is searched", choices=SAMPLINGS)
-    beta: tuple[float, ...] = option((0.0, 1.0, 5.0, 25.0, 125.0), "Laff weight: values or low high, as for alpha")
+    beta: tuple[float, ...] = option((0.0, 1.0, 5.0, 25.0, 125.0), "Laff weight: values or low high, as for alpha", min=0)
     beta_sampling: str = option("choice", "how beta is searched", choices=SAMPLINGS)
-    lr: tuple[float, ...] = option((1e-4, 1e-3), "learning rate: values or low high")
+    lr: tuple[float, ...] = option((1e-4, 1e-3), "learning rate: values or low high", gt=0)
     lr_sampling: str = option("loguniform", "how lr is searched", choices=SAMPLINGS)
-    layers: tuple[int, ...] = option((1, 2, 3), "seed extraction's last layers: values or low high")
+    layers: tuple[int, ...] = option((1, 2, 3), "seed extraction's last layers: values or low high", min=1)
     layers_sampling: str = option("choice", "how layers is searched", choices=SAMPLINGS)
-    num_workers: int = option(1, "Ray Train workers per trial")
-    cpus_per_worker: float = option(0.5, "CPUs per Train worker (the rest feed Ray Data and the seed actors)")
+    num_workers: int = option(1, "Ray Train workers per trial", min=1)
+    cpus_per_worker: float = option(0.5, "CPUs per Train worker (the rest feed Ray Data and the seed actors)", gt=0)
     use_gpu: bool = option(False, "one GPU per Train worker and per seed actor")
-    search_seed: int = option(0, "seed of the sampled configurations")
-    max_failures: int = option(0, "Tune: restarts of a failed trial (its Train run resumes)")
+    search_seed: int = option(0, "seed of the sampled configurations", min=0)
+    max_failures: int = option(0, "Tune: restarts of a failed trial (its Train run resumes)", min=-1)
     train: dict = dataclasses.field(default_factory=dict)  # YAML only: fixed TrainClassifierConfig fields
     seeds: dict = dataclasses.field(default_factory=dict)  # YAML only: fixed ExtractSeedsConfig fields
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
-        self.train = {k.replace("-", "_"): v for k, v in self.train.items()}
-        self.seeds = {k.replace("-", "_"): v for k, v in self.seeds.items()}
+        self.train = config_lib.check_fields(train_acr.TrainClassifierConfig, self.train, "the `train:` section")
+        self.seeds = config_lib.check_fields(extract_seeds.ExtractSeedsConfig, self.seeds, "the `seeds:` section")
         for name in TUNED:
             _check_space(name, getattr(self, name), getattr(self, f"{name}_sampling"))
         for section, wired in (("train", TRAIN_WIRED), ("seeds", SEEDS_WIRED)):

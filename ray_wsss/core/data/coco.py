@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import posixpath
+from collections import Counter
 
 import numpy as np
 from pycocotools.coco import COCO
 
 from ray_wsss.core import codec, storage
+from ray_wsss.core.data import ids
 from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.schema import IGNORE_INDEX
 from ray_wsss.core.storage import StorageOptions
@@ -61,8 +62,65 @@ class CocoSource:
         return self._image_info(image_id)["file_name"]
 
     def record_id(self, image_id: int) -> str:
-        """Our ``image_id``: the file name's stem, e.g. "000000000790"."""
-        return posixpath.splitext(posixpath.basename(self.file_name(image_id)))[0]
+        """Our ``image_id``: the file name's stem (:func:`ids.image_id`), e.g. "000000000790"."""
+        try:
+            return ids.image_id(self.file_name(image_id))
+        except ids.UnsafeName as err:
+            raise RecordError(str(image_id), f"COCO image id {image_id} in {self.uri}: file_name {err}") from None
+
+    def list_images(self) -> tuple[list[tuple[int, str, str]], list[tuple[str, str]]]:
+        """((COCO id, image id, file name) of each image that can be read, error rows for the rest).
+
+        Read from the raw ``images`` list, not pycocotools' index, which keeps only the last of
+        two entries with the same id. Refused, each with a row naming every entry involved: an
+        entry without a usable ``file_name``, ``height`` or ``width``; a ``file_name`` outside the
+        image folder; entries sharing an id (whose annotations cannot be told apart); entries whose
+        file names share a stem (they would make one image id). Orphan annotations are rows too.
+        """
+        entries = self.coco.dataset["images"]
+        id_counts = Counter(entry["id"] for entry in entries)
+        reasons: dict[str, list[str]] = {}
+        usable: list[tuple[int, str, str]] = []
+        for entry in entries:
+            coco_id, name = entry["id"], entry.get("file_name")
+            problem = self._entry_problem(entry)
+            if problem:
+                reasons.setdefault(str(coco_id), []).append(f"COCO image id {coco_id} in {self.uri} {problem}")
+                continue
+            stem = ids.image_id(name)
+            if id_counts[coco_id] > 1:
+                names = ", ".join(repr(e.get("file_name")) for e in entries if e["id"] == coco_id)
+                reasons.setdefault(stem, []).append(
+                    f"COCO image id {coco_id} is listed {id_counts[coco_id]} times in {self.uri} (file names "
+                    f"{names}): its annotations cannot be told apart, so none of them is read")
+            usable.append((coco_id, stem, name))
+        for stem, places in ids.duplicates((stem, f"{name!r} (COCO image id {coco_id})")
+                                           for coco_id, stem, name in usable).items():
+            reasons.setdefault(stem, []).append(
+                f"image id {stem!r} is the file-name stem of {' and '.join(places)} in {self.uri}; "
+                f"image ids must be unique, so none of them is read")
+        images = [(coco_id, stem, name) for coco_id, stem, name in usable if stem not in reasons]
+        errors = [(key, "; ".join(dict.fromkeys(why))) for key, why in reasons.items()]
+        errors += [(str(ann["image_id"]), f"annotation {ann['id']} names image id {ann['image_id']}, which is "
+                                          f"not in the annotations' images list") for ann in self.orphan_annotations()]
+        return images, errors
+
+    @staticmethod
+    def _entry_problem(entry: dict) -> str | None:
+        """What makes an ``images`` entry unreadable, or None."""
+        if "file_name" not in entry:
+            return "has no 'file_name'"
+        try:
+            ids.image_id(entry["file_name"])
+        except ids.UnsafeName as err:
+            return f"has a file_name that cannot be read: {err}"
+        for field in ("height", "width"):
+            value = entry.get(field)
+            if field not in entry:
+                return f"has no {field!r}"
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                return f"has {field} {value!r}, not a positive integer"
+        return None
 
     def orphan_annotations(self) -> list[dict]:
         """Annotations naming an image id absent from "images", in file order."""

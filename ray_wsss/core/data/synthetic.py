@@ -29,6 +29,9 @@ PART_HUES = (0.0, 52.0, 120.0, 185.0, 232.0, 305.0)
 PART_SHAPES = ("disc", "striped_square", "spotted_disc", "diamond", "triangle", "ring")
 
 
+MIN_SIDE, MAX_SIDE = 32, 4096
+
+
 @dataclasses.dataclass
 class SyntheticConfig:
     """Size and seed of the synthetic data set. Image sides are drawn independently per image."""
@@ -40,6 +43,18 @@ class SyntheticConfig:
     max_size: int = 128
     max_objects: int = 3
     max_distractors: int = 2
+
+    def __post_init__(self) -> None:
+        """The generator's own limits: objects need room (32 px), a 4096 px scene takes ~1 GB to draw."""
+        if not MIN_SIDE <= self.min_size <= self.max_size <= MAX_SIDE:
+            raise ValueError(f"synthetic data needs {MIN_SIDE} <= min_size <= max_size <= {MAX_SIDE}, got "
+                             f"min_size {self.min_size}, max_size {self.max_size}")
+        if self.max_objects < 1 or self.max_distractors < 0:
+            raise ValueError(f"synthetic data needs max_objects >= 1 and max_distractors >= 0, got "
+                             f"{self.max_objects}, {self.max_distractors}")
+        if min(self.seed, self.num_train, self.num_val) < 0:
+            raise ValueError(f"synthetic data needs seed, num_train and num_val >= 0, got "
+                             f"{self.seed}, {self.num_train}, {self.num_val}")
 
 
 @dataclasses.dataclass
@@ -90,11 +105,6 @@ def render_scene(cfg: SyntheticConfig, split: str, index: int) -> SyntheticScene
         raise ValueError(f"unknown synthetic split {split!r}; expected one of {sorted(sizes)}")
     if not 0 <= index < sizes[split]:
         raise ValueError(f"index {index} out of range for split {split!r} of {sizes[split]} images")
-    if not 32 <= cfg.min_size <= cfg.max_size:
-        raise ValueError(f"need 32 <= min_size <= max_size, got {cfg.min_size}, {cfg.max_size}")
-    if cfg.max_objects < 1 or cfg.max_distractors < 0:
-        raise ValueError(f"need max_objects >= 1 and max_distractors >= 0, got {cfg.max_objects}, "
-                         f"{cfg.max_distractors}")
     # crc32, not hash(): Python salts str hashes per process.
     rng = np.random.default_rng([cfg.seed, zlib.crc32(split.encode()), index])
     height, width = (int(v) for v in rng.integers(cfg.min_size, cfg.max_size + 1, size=2))

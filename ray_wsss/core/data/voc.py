@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from ray_wsss.core import codec, storage
+from ray_wsss.core.data import ids
 from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.schema import IGNORE_INDEX
 from ray_wsss.core.storage import StorageOptions
@@ -36,17 +37,73 @@ def split_file(root: str, split: str) -> str:
     return storage.join(root, "ImageSets", "Segmentation", f"{split}.txt")
 
 
-def list_voc_ids(root: str, split: str, storage_options: StorageOptions | None = None) -> list[str]:
-    """Image ids of ``split`` in file order, duplicates dropped."""
+# ImageSets/Main/<class>_<split>.txt lines carry a second column: 1 present, -1 absent, 0 difficult.
+LABEL_COLUMN = ("-1", "0", "1")
+
+
+def voc_id_problem(token: str) -> str | None:
+    """Why a split-file token is not the image id of ``JPEGImages/<token>.jpg``, or None when it is."""
+    try:
+        if ids.image_id(f"JPEGImages/{token}.jpg") == token:
+            return None
+    except ids.UnsafeName:
+        pass
+    return ids.path_problem(token) or "is not a plain file name (VOC ids name a file in JPEGImages/, no folders)"
+
+
+def list_voc_ids(root: str, split: str,
+                 storage_options: StorageOptions | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """({image id: line number} in file order, error rows for the lines that hold no valid id).
+
+    A line holds one id, optionally followed by the -1/0/1 label column of ``ImageSets/Main``
+    files; an id cannot contain spaces, so any other line is reported with its number. A UTF-8
+    byte-order mark (Windows editors write one) is dropped. An id repeated in the same file is the
+    same image in the same split and is listed once. Raises when the file is missing, is not UTF-8
+    text, or lists no valid id.
+    """
     uri = split_file(root, split)
     if not storage.exists(uri, storage_options):
         raise WsssError(f"VOC split file not found: {uri} (is {root} a VOCdevkit/VOC20xx folder?)")
-    text = storage.read_bytes(uri, storage_options).decode("utf-8", errors="replace")
-    # First token only: ImageSets/Main files carry a second column (-1/0/1).
-    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
-    if not ids:
-        raise WsssError(f"split {split} lists no images ({uri} is empty)")
-    return list(dict.fromkeys(ids))
+    data = storage.read_bytes(uri, storage_options)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise WsssError(f"VOC split file {uri} is not UTF-8 text (line {line}, byte {err.start}: {err.reason})") from err
+    listed: dict[str, int] = {}
+    errors: list[tuple[str, str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) > 2 or (len(fields) == 2 and fields[1] not in LABEL_COLUMN):
+            problem = (f"is not an image id: a line holds one id (ids have no spaces), optionally followed "
+                       f"by a {'/'.join(LABEL_COLUMN)} label column")
+        else:
+            problem = voc_id_problem(fields[0])
+        if problem:
+            errors.append((line.strip(), f"{uri} line {number}: {line.strip()!r} {problem}; not read"))
+        else:
+            listed.setdefault(fields[0], number)
+    if not listed:
+        refused = f"; {len(errors)} lines refused, the first: {errors[0][1]}" if errors else ""
+        raise WsssError(f"split {split} lists no images ({uri} holds no valid image id{refused})")
+    return listed, errors
+
+
+def list_splits(root: str, splits: list[str],
+                storage_options: StorageOptions | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(records {image_id, split} of every split, error rows). An id listed in two splits is an
+    error row naming both places and is read in neither: one image must not train and score."""
+    per_split = {split: list_voc_ids(root, split, storage_options) for split in splits}
+    errors = [error for _, split_errors in per_split.values() for error in split_errors]
+    twice = ids.duplicates((image, f"{split_file(root, split)} line {number}")
+                           for split, (listed, _) in per_split.items() for image, number in listed.items())
+    errors += [(image, f"listed in more than one split: {' and '.join(places)}; read in none, so that no "
+                       f"image is in two splits") for image, places in twice.items()]
+    records = [{"image_id": image, "split": split} for split, (listed, _) in per_split.items()
+               for image in listed if image not in twice]
+    return records, errors
 
 
 def read_voc_sample(root: str, image_id: str, split: str,
@@ -56,6 +113,9 @@ def read_voc_sample(root: str, image_id: str, split: str,
     Labels come from the XML's object names, or from the mask where there is no XML. The mask is
     kept byte for byte (palette or grayscale PNG of class ids, 255 = ignore); no mask -> None.
     """
+    problem = voc_id_problem(image_id)
+    if problem:  # listing refuses these already; a direct caller must not read outside root either
+        raise RecordError(image_id, f"{image_id!r} {problem}; not read")
     image_uri = storage.join(root, "JPEGImages", f"{image_id}.jpg")
     if not storage.exists(image_uri, storage_options):
         raise RecordError(image_id, f"image file missing: {image_uri} "
