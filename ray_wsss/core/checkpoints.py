@@ -49,12 +49,17 @@ def is_checkpoint(uri: str, options: StorageOptions | None = None) -> bool:
     return storage.exists(storage.join(uri, WEIGHTS_FILE), options)
 
 
+def refuse_legacy(uri: str, options: StorageOptions | None = None) -> None:
+    """A pickled checkpoint of an older version is named and refused, never unpickled."""
+    if storage.exists(storage.join(uri, LEGACY_FILE), options):
+        raise WsssError(f"{uri} is a checkpoint of an older ray-wsss (a pickled {LEGACY_FILE}); it is not loaded, "
+                        "because unpickling can run code: retrain, or convert it where you trust it")
+
+
 def load_state(checkpoint_uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
     """A checkpoint directory (local or s3://) as ``{"model": weights, **meta}`` (tensors on CPU)."""
     if not is_checkpoint(checkpoint_uri, options):
-        if storage.exists(storage.join(checkpoint_uri, LEGACY_FILE), options):
-            raise WsssError(f"{checkpoint_uri} is a checkpoint of an older ray-wsss (a pickled {LEGACY_FILE}); it is "
-                            "not loaded, because unpickling can run code: retrain, or convert it where you trust it")
+        refuse_legacy(checkpoint_uri, options)
         raise WsssError(f"{checkpoint_uri} is not a checkpoint directory: no {WEIGHTS_FILE}")
     try:
         weights = load_safetensors(storage.read_bytes(storage.join(checkpoint_uri, WEIGHTS_FILE), options))

@@ -237,6 +237,32 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(np.mean(aps)) if aps else float("nan")
 
 
+def chance_mean_average_precision(targets: np.ndarray) -> float:
+    """The mAP a classifier that has learned nothing gets: each class's AP equals its positive rate.
+
+    Over the same classes as :func:`mean_average_precision` (those with a positive).
+    """
+    rates = (targets > 0).mean(axis=0)
+    rates = rates[rates > 0]
+    return float(rates.mean()) if len(rates) else float("nan")
+
+
+# A held-out mAP within this of chance counts as "learned nothing" (with F1 0, the other sign).
+NO_LEARNING_MAP_MARGIN = 0.05
+
+
+def no_learning(val: dict[str, float]) -> str | None:
+    """Why held-out metrics (``map``, ``map_chance``, ``f1``) say a classifier learned nothing; None if it did."""
+    reasons = []
+    if val.get("f1") == 0:
+        reasons.append("held-out F1 is 0 (no class is ever predicted)")
+    chance, mean_ap = val.get("map_chance"), val.get("map")
+    if chance is not None and mean_ap is not None and mean_ap < chance + NO_LEARNING_MAP_MARGIN:
+        reasons.append(f"held-out mAP {mean_ap:.3f} is at the label-frequency level {chance:.3f} "
+                       f"(what ranking images at random gives)")
+    return "; ".join(reasons) or None
+
+
 def f1_scores(logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """Micro and macro F1 at probability 0.5 (logit 0)."""
     pred = logits > 0

@@ -355,6 +355,7 @@ def find_checkpoint(uri: str, options: StorageOptions | None = None) -> str:
         if result.checkpoint is not None:
             found.append((info.mtime_ns or 0, result.checkpoint.path))
     if not found:
+        checkpoints.refuse_legacy(uri, options)
         raise WsssError(f"no checkpoint under {uri}: expected {checkpoints.WEIGHTS_FILE} there, or a training "
                         "job's --out (a summary.json naming its checkpoint, or Ray Train run folders)")
     return checkpoint_uri_for(uri, max(found)[1])

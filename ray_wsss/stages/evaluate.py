@@ -96,6 +96,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
 def _stage(cfg: EvaluateConfig) -> batch_stage.BatchStage:
     class_names = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)["class_names"]
+    pred_classes = storage.read_json(storage.join(cfg.pred, "dataset.json"), cfg.storage).get("class_names")
+    if pred_classes != class_names:
+        raise WsssError(f"{cfg.pred} holds predictions over classes {pred_classes}, but {cfg.data} has {class_names}: "
+                        "the class ids would mean different things")
     thresholds = (float(cfg.threshold),) if cfg.threshold is not None else DEFAULT_THRESHOLDS
     pred_files = commit.file_splits(cfg.pred, cfg.kind, cfg.storage)
     splits = cfg.splits()

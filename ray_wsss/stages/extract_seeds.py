@@ -17,8 +17,9 @@ import torch
 from ray_wsss.core import checkpoints, codec, storage
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.config import option
-from ray_wsss.core.errors import RecordError
-from ray_wsss.core.methods import MapOptions
+from ray_wsss.core.errors import RecordError, WsssError
+from ray_wsss.core.methods import MapOptions, list_methods
+from ray_wsss.core.metrics import no_learning
 from ray_wsss.core.seeds.tta import TTAConfig
 from ray_wsss.harness import batch_stage, training
 from ray_wsss.harness.cluster import model_actor_args
@@ -39,6 +40,8 @@ class ExtractSeedsConfig(batch_stage.DataStageConfig):
     refine: bool = option(True, "refine with patch-to-patch attention (--no-refine: ACR*)")
     refine_layers: tuple[int, ...] | None = option(None, "blocks whose patch affinity refines (default: all)")
     base_size: int | None = option(None, "resize the longer image side to this before scaling (default: native)", min=1)
+    allow_untrained: bool = option(False, "extract seeds even when the checkpoint's held-out metrics show that the "
+                                          "classifier learned nothing")
 
 
 class SeedExtractor:
@@ -80,9 +83,10 @@ def run(cfg: ExtractSeedsConfig) -> dict[str, Any]:
 def _stage(cfg: ExtractSeedsConfig) -> batch_stage.BatchStage:
     checkpoint_uri = training.find_checkpoint(cfg.checkpoint, cfg.storage)
     meta = storage.read_json(storage.join(checkpoint_uri, checkpoints.META_FILE), cfg.storage)
+    data_meta = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)
+    check_classifier(checkpoint_uri, meta, cfg.data, data_meta["class_names"], cfg.allow_untrained)
     log.info("extracting seeds with %s checkpoint %s (epoch %s)", meta["method"], checkpoint_uri, meta["epoch"])
     files = batch_stage.samples_files(cfg.data, cfg.storage, cfg.splits())
-    data_meta = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)
     metadata = {
         "table": "seeds",
         "class_names": data_meta["class_names"],
@@ -103,6 +107,33 @@ def _stage(cfg: ExtractSeedsConfig) -> batch_stage.BatchStage:
         contact_sheet=lambda: batch_stage.contact_sheet(
             cfg.out, "seeds", cfg.data, _contact_panels, ["image", "seeds (max)", "labels @0.5", "ground truth"],
             cfg.storage))
+
+
+def check_classifier(checkpoint_uri: str, meta: dict[str, Any], data: str, class_names: list[str],
+                     allow_untrained: bool) -> None:
+    """Refuse, before any work, a checkpoint that is not a classifier of these classes, or one that learned nothing."""
+    method = meta.get("method")
+    if method not in list_methods():
+        raise WsssError(f"{checkpoint_uri} holds a {method!r} checkpoint, not a classifier of {list(list_methods())}: "
+                        "extract_seeds needs train_acr's output" + (" (this is a DeepLab checkpoint)"
+                                                                    if method == checkpoints.SEGMENTER_METHOD else ""))
+    if meta.get("class_names") != class_names:
+        raise WsssError(f"checkpoint {checkpoint_uri} was trained on classes {meta.get('class_names')}, but {data} "
+                        f"has {class_names}: the class ids would mean different things")
+    history = meta.get("history") or []
+    val = {k[len("val_"):]: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")}
+    if not val:
+        log.warning("checkpoint %s has no held-out metrics (trained without a val split): nothing says whether the "
+                    "classifier learned anything before its seeds are extracted", checkpoint_uri)
+        return
+    reason = no_learning(val)
+    if reason and not allow_untrained:
+        raise WsssError(
+            f"the classifier of {checkpoint_uri} learned nothing after {meta.get('epoch')} epochs: {reason}. Its seeds "
+            "would be noise. Train longer (--epochs), at a larger --img-size, from pretrained --weights, or with a "
+            "smaller patch size; or pass --allow-untrained to extract them anyway")
+    if reason:
+        log.warning("--allow-untrained: extracting seeds although %s", reason)
 
 
 def _contact_panels(row: dict[str, Any], sample: dict[str, Any]) -> list:

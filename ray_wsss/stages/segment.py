@@ -108,6 +108,9 @@ def _stage(cfg: SegmentConfig) -> batch_stage.BatchStage:
     checkpoint_uri = training.find_checkpoint(cfg.checkpoint, cfg.storage)
     meta = storage.read_json(storage.join(checkpoint_uri, checkpoints.META_FILE), cfg.storage)
     data_meta = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)
+    if meta.get("method") != checkpoints.SEGMENTER_METHOD:
+        raise WsssError(f"{checkpoint_uri} holds a {meta.get('method')!r} checkpoint, not a DeepLab one "
+                        "(segment needs train_deeplab's output)")
     if meta.get("class_names") != data_meta["class_names"]:
         raise WsssError(f"checkpoint {checkpoint_uri} was trained on classes {meta.get('class_names')}, "
                         f"but {cfg.data} has {data_meta['class_names']}")

@@ -140,6 +140,7 @@ class ClassifierTask:
         if not len(logits):
             return {}
         return {"val_map": metrics.mean_average_precision(logits, targets),
+                "val_map_chance": metrics.chance_mean_average_precision(targets),
                 **{f"val_{k}": v for k, v in metrics.f1_scores(logits, targets).items()}}
 
     def checkpoint_meta(self) -> dict[str, Any]:
