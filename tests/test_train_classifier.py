@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures_train import NUM_TRAIN, TINY, read_metrics, tiny_config, tiny_data, worker_lines
+from fixtures_train import NUM_TRAIN, NUM_VAL, TINY, read_metrics, tiny_config, tiny_data, worker_lines
 from PIL import Image
 
 from ray_wsss.core import checkpoints, commit, storage
 from ray_wsss.harness import training
 from ray_wsss.stages import train_acr
+from ray_wsss.stages.prepare_data import PrepareConfig
+from ray_wsss.stages.prepare_data import run as prepare
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 REPO = Path(__file__).resolve().parents[1]
@@ -154,3 +156,20 @@ def test_train_to_and_from_s3(train_data, s3_bucket):
     assert storage.read_bytes(storage.join(out, "learning_curve.png")).startswith(PNG_MAGIC)
     assert storage.read_json(storage.join(out, "summary.json")) == summary
     assert commit.is_committed(out)
+
+
+def test_trains_without_a_val_split_and_with_val_data_elsewhere(tmp_path, capfd, ray_local):
+    """One split per directory: train-only shards train and say there is no held-out split (Train V2's
+    get_dataset_shard would raise KeyError for a missing split); --val-data points at the other directory."""
+    train_only, val_only = str(tmp_path / "train-only"), str(tmp_path / "val-only")
+    prepare(PrepareConfig(out=train_only, split="train", num_train=NUM_TRAIN, num_val=NUM_VAL))
+    prepare(PrepareConfig(out=val_only, split="val", num_train=NUM_TRAIN, num_val=NUM_VAL))
+    capfd.readouterr()
+
+    alone = train_acr.run(tiny_config(train_only, str(tmp_path / "alone")))
+    assert alone["epochs"] == 1 and alone["val"] == {}
+    assert "no 'val' split in" in capfd.readouterr().out
+
+    paired = train_acr.run(tiny_config(train_only, str(tmp_path / "paired"), val_data=val_only))
+    assert {"map", "map_chance", "f1"} <= set(paired["val"])
+    assert 0.0 <= paired["val"]["map"] <= 1.0
