@@ -15,7 +15,8 @@ from ray_wsss.core.methods.acr import ACRLossConfig
 from ray_wsss.core.methods.mct import mct_acr_losses, mct_losses
 from ray_wsss.core.methods.views import View
 from ray_wsss.core.methods import MapOptions, get_method
-from ray_wsss.core.models.mctformer import MCTformer, MCTOutput, create_mctformer
+from ray_wsss.core.models.mctformer import MCTformer, MCTOutput
+from ray_wsss.core.weights import build_mctformer
 from ray_wsss.core.models.vit import ViTConfig
 from ray_wsss.core.seeds.mct_maps import MCTMapConfig, maps_from_output, mct_class_maps
 from ray_wsss.core.seeds.tta import TTAConfig
@@ -61,7 +62,7 @@ def _load_authors(tmp_path, version: str, grid: int = 4) -> tuple[MCTformer, dic
     sd = _authors_state_dict(version, grid)
     path = tmp_path / f"mctformer_{version}.pth"
     torch.save({"model": sd}, path)
-    model = create_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version)
+    model = build_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version)
     return model.eval(), sd
 
 
@@ -163,7 +164,7 @@ def test_mismatched_checkpoints_are_rejected(tmp_path):
         path = tmp_path / f"{name}.pth"
         torch.save(broken, path)
         with pytest.raises(WsssError):
-            create_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, "v2")
+            build_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, "v2")
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -175,7 +176,7 @@ def test_single_token_vit_init_repeats_class_token_and_its_position(tmp_path, ve
         vit.cls_token.normal_()
     path = tmp_path / "deit.pth"
     torch.save({"model": vit.state_dict()}, path)
-    model = create_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version)
+    model = build_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version)
     sd = vit.state_dict()
     torch.testing.assert_close(model.cls_token.detach(), sd["cls_token"].expand(1, C, D), rtol=0, atol=0)
     torch.testing.assert_close(model.pos_embed.detach()[:, :C], sd["pos_embed"][:, :1].expand(1, C, D),
@@ -193,7 +194,7 @@ def test_own_checkpoint_round_trip(tmp_path, version):
     source = get_method(f"mct-{version}").build_model(CFG, C).eval()
     path = tmp_path / "ckpt.pth"
     torch.save({"model": source.state_dict(), "model_config": vars(CFG)}, path)
-    loaded = create_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version).eval()
+    loaded = build_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version).eval()
     x = torch.randn(1, 3, 24, 40)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, source(x).logits, rtol=0, atol=0)

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from ray_wsss.core.errors import WsssError
-from ray_wsss.core.models.vit import AttentionViT, ViTConfig, create_classifier, load_weights
+from ray_wsss.core.models.vit import AttentionViT, ViTConfig, load_pretrained
+from ray_wsss.core.weights import build_classifier, read_mapped, vit_state_dict
 
 NUM_CLASSES = 4
 TINY = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
@@ -19,6 +20,10 @@ TINY = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=
 def _tiny(**overrides) -> AttentionViT:
     torch.manual_seed(0)
     return AttentionViT(ViTConfig(**{**TINY, **overrides}), NUM_CLASSES).eval()
+
+
+def load_weights(model: AttentionViT, path) -> None:
+    load_pretrained(model, read_mapped(str(path), vit_state_dict), str(path))
 
 
 def _timm_model(img_size: int, num_classes: int = NUM_CLASSES) -> torch.nn.Module:
@@ -66,7 +71,7 @@ def test_timm_state_dict_with_same_grid_gives_same_logits(tmp_path):
     source = _timm_model(img_size=32)
     path = tmp_path / "timm.pth"
     torch.save(source.state_dict(), path)
-    model = create_classifier(ViTConfig(**TINY, weights=str(path)), NUM_CLASSES).eval()
+    model = build_classifier(ViTConfig(**TINY, weights=str(path)), NUM_CLASSES).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, source(x), rtol=1e-5, atol=1e-5)
@@ -77,7 +82,7 @@ def test_deit_wrapped_state_dict_is_resampled_to_another_grid(tmp_path):
     path = tmp_path / "deit.pth"
     torch.save({"model": source.state_dict()}, path)
     model = _tiny()
-    load_weights(model, str(path))
+    load_weights(model, path)
     expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=(4, 4), num_prefix_tokens=1)
     assert model.vit.pos_embed.shape == (1, 17, 64)
     torch.testing.assert_close(model.vit.pos_embed.detach(), expected)
@@ -95,7 +100,7 @@ def test_safetensors_with_other_head_drops_the_head(tmp_path, caplog):
     model = _tiny()
     head_before = model.vit.head.weight.detach().clone()
     with caplog.at_level(logging.WARNING, logger="ray_wsss.core.models.vit"):
-        load_weights(model, str(path))
+        load_weights(model, path)
     assert "head.weight" in caplog.text
     assert torch.equal(model.vit.head.weight, head_before)
     assert torch.equal(model.vit.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
@@ -108,7 +113,7 @@ def test_project_checkpoint_loads(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": trained.state_dict(), "model_config": dict(TINY), "epoch": 3}, path)
     model = AttentionViT(ViTConfig(**TINY), NUM_CLASSES).eval()
-    load_weights(model, str(path))
+    load_weights(model, path)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x).logits, trained(x).logits)
@@ -117,7 +122,7 @@ def test_project_checkpoint_loads(tmp_path):
 def test_missing_weight_file_names_the_path(tmp_path):
     missing = str(tmp_path / "nope.pth")
     with pytest.raises(WsssError, match="nope.pth"):
-        create_classifier(ViTConfig(**TINY, weights=missing), NUM_CLASSES)
+        build_classifier(ViTConfig(**TINY, weights=missing), NUM_CLASSES)
 
 
 def test_missing_parameters_are_an_error(tmp_path):
@@ -126,4 +131,4 @@ def test_missing_parameters_are_an_error(tmp_path):
     path = tmp_path / "partial.pth"
     torch.save(state, path)
     with pytest.raises(WsssError, match="blocks.1.mlp.fc1.weight"):
-        load_weights(_tiny(), str(path))
+        load_weights(_tiny(), path)

@@ -34,7 +34,7 @@ from ray_wsss.core.models.deeplab import BACKBONES, DeepLabConfig, DeepLabV2, cr
 from ray_wsss.core.schema import IGNORE_INDEX
 from ray_wsss.core.inference import normalize_image, predict_probs
 from ray_wsss.core.storage import StorageOptions
-from ray_wsss.core import checkpoints
+from ray_wsss.core import checkpoints, weights
 from ray_wsss.harness import training
 from ray_wsss.core.optim import build_optimizer, poly_schedule
 from ray_wsss.core.config import option
@@ -125,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
     num_classes = len(config["class_names"])
-    model = create_deeplab(cfg.deeplab_config(), num_classes, cfg.storage)
+    model = weights.build_deeplab(cfg.deeplab_config(), num_classes, cfg.storage)
     freeze = cfg.frozen_bn()
     if freeze:
         freeze_batchnorm(model.backbone)
