@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from ray_wsss.core.config import option
-from ray_wsss.core.metrics import DEFAULT_THRESHOLDS, ConfusionMatrix, ThresholdSweep
+from ray_wsss.core.metrics import (DEFAULT_THRESHOLD_GRID, MEAN_OVER, THRESHOLD_PICKS, ConfusionMatrix,
+                                   ThresholdSweep, parse_threshold_grid)
 from ray_wsss.core.storage import StorageOptions
 
 
@@ -22,7 +23,18 @@ class EvaluateConfig:
     out: str | None = option(None, "where summary.json goes (default: <pred>/eval)")
     split: str | None = option(None, "comma-separated splits to score (default: all)")
     threshold: float | None = option(None, "seeds: score at this background threshold instead of sweeping")
+    thresholds: str = option(DEFAULT_THRESHOLD_GRID, "seeds: background thresholds to sweep, start:stop:step with "
+                                                     "stop included (MCTformer's curve: 0.00:0.59:0.01)")
+    threshold_pick: str = option("max", "seeds: the threshold reported, max (highest mIoU) or early-stop "
+                                        "(MCTformer's --curve: stop at the first one not above the best)",
+                                 choices=THRESHOLD_PICKS)
+    mean_over: str = option("present", "mIoU/FP/FN over the classes present in ground truth or prediction, or "
+                                       "all classes of the data set, absent ones as 0 (the papers' code)",
+                            choices=MEAN_OVER)
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        parse_threshold_grid(self.thresholds)  # a malformed grid fails at load, not after the join
 
 
 class _BatchScorer:
@@ -74,7 +86,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     gt = gt.filter(lambda row: row["gt_mask"] is not None)
     partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
     joined = pred.join(gt, join_type="inner", num_partitions=partitions, on=("image_id",))
-    thresholds = (float(cfg.threshold),) if cfg.threshold is not None else DEFAULT_THRESHOLDS
+    thresholds = (float(cfg.threshold),) if cfg.threshold is not None else parse_threshold_grid(cfg.thresholds)
     parts = joined.map_batches(_BatchScorer, fn_constructor_args=(cfg.kind, num_classes, thresholds),
                                batch_size=32, batch_format="numpy",
                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=partitions)).take_all()
@@ -88,9 +100,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         raise ValueError(f"no image of {cfg.pred} has a ground-truth mask in {cfg.data}"
                          + (f" (split {cfg.split})" if cfg.split else ""))
     if cfg.kind == "seeds":
-        result = template.best(class_names)
+        result = template.best(class_names, cfg.mean_over, cfg.threshold_pick)
     else:
-        result = {**template.scores(class_names), "threshold": None}
+        result = {**template.scores(class_names, cfg.mean_over), "threshold": None}
     summary = {"kind": cfg.kind, "pred": cfg.pred, "images": images, "size_mismatches": mismatched,
                "miou": result["miou"], "threshold": result.get("threshold"), "fp": result["fp"],
                "fn": result["fn"], "per_class": result["per_class"], "seconds": timer.seconds()}

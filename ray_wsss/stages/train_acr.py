@@ -25,8 +25,8 @@ from ray_wsss.core import commit
 from ray_wsss.core.data.augment import ClassifierTransform
 from ray_wsss.core.methods import Method, get_method, list_methods
 from ray_wsss.core.methods.acr import ACRLossConfig
-from ray_wsss.core.methods.views import View, random_view
-from ray_wsss.core.models.vit import ViTConfig
+from ray_wsss.core.methods.views import VIEW_SETS, View, draw_view
+from ray_wsss.core.models.vit import POS_EMBED_RESAMPLERS, ViTConfig
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.harness import training
 from ray_wsss.core import metrics
@@ -58,7 +58,14 @@ class TrainClassifierConfig:
     alpha: float | None = option(None, "weight of Lact (default for acr: 125 with --weights, as the paper; 1 from random init; 0 for baseline/mct)")
     beta: float | None = option(None, "weight of Laff (default: as --alpha)")
     acr_layers: tuple[int, ...] | None = option(None, "blocks whose attention the ACR losses use (default: all)")
-    view_scales: tuple[float, ...] = option((1.0, 1.25), "resize factors a second view may use")
+    view_set: str = option("random", "ACR's second view: random (flips, quarter turns, --view-scales) or hflip "
+                           "(always the horizontal flip, the authors' code)", choices=VIEW_SETS)
+    view_scales: tuple[float, ...] = option((1.0, 1.25), "resize factors a random second view may use")
+    pre_norm_head: bool = option(False, "classifier head on the last block's class token BEFORE the final "
+                                        "LayerNorm (the ACR authors' head); off: timm's head after the norm")
+    pos_embed_resampler: str = option("timm", "MCTformer position-embedding resampling to the input grid: timm "
+                                              "(antialiased bicubic) or mctformer (the authors' bicubic at "
+                                              "(g+0.1)/g0)", choices=POS_EMBED_RESAMPLERS)
     optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
     lr: float = option(5e-4, "base learning rate (poly decay)")
     weight_decay: float = option(0.05, "weight decay")
@@ -74,7 +81,8 @@ class TrainClassifierConfig:
     def vit_config(self) -> ViTConfig:
         return ViTConfig(model_name=self.model, img_size=self.img_size, patch_size=self.patch_size,
                          depth=self.depth, embed_dim=self.embed_dim, num_heads=self.num_heads,
-                         weights=self.weights)
+                         weights=self.weights, pre_norm_head=self.pre_norm_head,
+                         pos_embed_resampler=self.pos_embed_resampler)
 
     def consistency_weights(self) -> tuple[float, float]:
         weight = get_method(self.method).default_consistency(pretrained=bool(self.weights))
@@ -136,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sums: dict[str, float] = {}
         batches = 0
         for batch in train_shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True):
-            view = random_view(view_rng, scales=cfg.view_scales) if two_views else None
+            view = draw_view(cfg.view_set, view_rng, cfg.view_scales) if two_views else None
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 losses = step_module(batch["image"], batch["labels"], view)
             optimizer.zero_grad(set_to_none=True)
