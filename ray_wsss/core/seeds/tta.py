@@ -91,17 +91,27 @@ def view_size(height: int, width: int, scale: float, patch_size: tuple[int, int]
     return scaled_size(height, width, scale, patch_size, cfg.base_size)
 
 
-def view_input(rgb: np.ndarray, normalised: Tensor, size: tuple[int, int], resize: str) -> Tensor:
-    """float32 [3, h, w]: the view of uint8 ``rgb`` (``normalised`` = its float32 normalisation) at ``size``."""
+def view_input(rgb: np.ndarray, size: tuple[int, int], resize: str, normalised: Tensor | None = None) -> Tensor:
+    """float32 [3, h, w]: the ``resize`` view of uint8 ``rgb`` [H, W, 3] at ``size``.
+
+    ``normalised``: ``normalize(rgb)`` when the caller has it already (it is reused, not recomputed).
+    """
     if resize == "square":
         return _square_view(rgb, size)
+    if normalised is None:
+        normalised = normalize(rgb)
     if tuple(normalised.shape[-2:]) == tuple(size):
         return normalised
     if resize == "pillow":
-        resized = Image.fromarray(np.ascontiguousarray(rgb)).resize((size[1], size[0]), Image.Resampling.BICUBIC)
-        return normalize(np.array(resized))  # a writable copy for torch.from_numpy
+        return normalize(pillow_resize(rgb, size))
     # antialias: downscaled views should average pixels, not skip them
     return F.interpolate(normalised[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def pillow_resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [h, w, 3], Pillow's bicubic (the MCTformer authors' ``Image.CUBIC``)."""
+    resized = Image.fromarray(np.ascontiguousarray(rgb)).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.array(resized)  # a writable copy, for torch.from_numpy
 
 
 def _square_view(rgb: np.ndarray, size: tuple[int, int]) -> Tensor:
@@ -154,7 +164,7 @@ def seed_scores_batch(class_map_fn: ClassMapFn, model: nn.Module, images: Sequen
             if len(classes[index]):  # an image without foreground needs no forward
                 groups[view_size(*rgb.shape[:2], scale, model.patch_size, cfg)].append(index)
         for size, members in groups.items():
-            batch = torch.stack([view_input(images[i], inputs[i], size, cfg.resize).to(device) for i in members])
+            batch = torch.stack([view_input(images[i], size, cfg.resize, inputs[i]).to(device) for i in members])
             _accumulate_views(class_map_fn, model, batch, [classes[i] for i in members], cfg,
                               [sums[i] for i in members])
     return [minmax_per_class(total, cfg.minmax_eps).cpu().numpy().astype(np.float32, copy=False) for total in sums]
