@@ -365,3 +365,40 @@ def test_model_deep_copies_and_rejects_bad_sizes():
         model(torch.randn(1, 3, 30, 32))
     with pytest.raises(ValueError, match="version"):
         MCTformer(CFG, C, "v3")
+
+
+def test_authors_position_embedding_rule():
+    """pos_embed_resampler="mctformer": unchanged only for the base grid's token count from a SQUARE input;
+    otherwise bicubic (no antialias) at scale ((gh + 0.1) / 4, (gw + 0.1) / 4) on the 4x4 base grid."""
+    model = MCTformer(ViTConfig(**{**vars(CFG), "pos_embed_resampler": "mctformer"}), C, "v1")
+    pos = model.pos_embed.detach()
+    base = pos[:, C:].reshape(1, 4, 4, D).permute(0, 3, 1, 2)
+
+    def expected(grid):
+        out = F.interpolate(base, scale_factor=((grid[0] + 0.1) / 4, (grid[1] + 0.1) / 4), mode="bicubic",
+                            align_corners=False)
+        assert out.shape[-2:] == grid
+        return torch.cat([pos[:, :C], out.permute(0, 2, 3, 1).reshape(1, -1, D)], dim=1)
+
+    with torch.no_grad():
+        assert torch.equal(model.resampled_pos_embed((4, 4), (32, 32)), pos)
+        # the base grid from a 32 x 39 input (partial patches dropped): still resampled, by 4.1 / 4
+        same_grid = model.resampled_pos_embed((4, 4), (32, 39))
+        torch.testing.assert_close(same_grid, expected((4, 4)), rtol=0, atol=0)
+        assert not torch.allclose(same_grid, pos)
+        for grid in [(3, 6), (7, 5), (2, 2)]:
+            torch.testing.assert_close(model.resampled_pos_embed(grid), expected(grid), rtol=0, atol=0)
+        timm_like = MCTformer(CFG, C, "v1")
+        timm_like.load_state_dict(model.state_dict())
+        assert not torch.allclose(timm_like.resampled_pos_embed((3, 6)), expected((3, 6)))
+
+
+def test_partial_patches_and_the_square_rule_in_the_forward():
+    cfg = ViTConfig(**{**vars(CFG), "pos_embed_resampler": "mctformer", "partial_patches": "drop"})
+    model = MCTformer(cfg, C, "v2").eval()
+    x = torch.randn(1, 3, 36, 36)
+    with torch.no_grad():
+        # square 36 x 36 -> grid 4x4 = the base grid, square: same as the cropped 32 x 32 input
+        torch.testing.assert_close(model(x).logits, model(x[..., :32, :32]).logits, rtol=0, atol=0)
+        # 32 x 36 -> the same 4x4 grid but not square: the position embeddings are resampled
+        assert not torch.allclose(model(x[..., :32, :]).logits, model(x[..., :32, :32]).logits)

@@ -6,6 +6,7 @@ import logging
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
@@ -132,3 +133,53 @@ def test_missing_parameters_are_an_error(tmp_path):
     torch.save(state, path)
     with pytest.raises(WsssError, match="blocks.1.mlp.fc1.weight"):
         load_weights(_tiny(), path)
+
+
+def test_pre_norm_head_reads_the_last_blocks_class_token_before_the_norm():
+    """The ACR authors' head: block outputs -> head(class token), the final LayerNorm skipped."""
+    model = _tiny(pre_norm_head=True)
+    x = torch.randn(2, 3, 32, 40)
+    vit = model.vit
+    with torch.no_grad():
+        tokens = vit.blocks(vit._pos_embed(vit.patch_embed(x)))  # timm's own stages, without norm and pooling
+        torch.testing.assert_close(model(x).logits, vit.head(tokens[:, 0]), rtol=1e-6, atol=1e-6)
+        timm_head = _tiny()  # the same weights (seed), timm's head after the final norm
+        normed = F.layer_norm(tokens, (tokens.shape[-1],), vit.norm.weight, vit.norm.bias, vit.norm.eps)
+        torch.testing.assert_close(timm_head(x).logits, vit.head(normed[:, 0]), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(model(x).logits, timm_head(x).logits, atol=1e-3)
+    assert "vit.norm.weight" in model.state_dict()  # kept for the layout (the authors' checkpoints have it)
+    assert not any(p.requires_grad for p in vit.norm.parameters())  # frozen: DDP sees no unused parameter
+
+
+def test_partial_patches_are_an_error_or_dropped_like_a_patch_conv():
+    x = torch.randn(1, 3, 37, 45)
+    with pytest.raises(ValueError, match="partial_patches='drop'"):
+        _tiny()(x)
+    model = _tiny(partial_patches="drop")
+    out = model(x)
+    assert out.grid == (4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(x[..., :32, :40]).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stride,timm_patch", [(8, 2), (16, 4), (32, 8)])
+def test_hybrid_patch_size_is_its_token_stride(stride, timm_patch):
+    """A conv-stem ViT (stem reduction 4): patch_size is pixels per token; timm's patch is stride / 4."""
+    model = _tiny(model_name="vit_tiny_r_s16_p8_224", img_size=32, patch_size=stride)
+    assert model.vit.patch_embed.feature_ratio == (4, 4)
+    assert tuple(model.vit.patch_embed.patch_size) == (timm_patch, timm_patch) and model.patch_size == (stride, stride)
+    out = model(torch.randn(2, 3, 32, 64))
+    grid = (32 // stride, 64 // stride)
+    assert out.grid == grid and all(a.shape[-1] == 1 + grid[0] * grid[1] for a in out.attentions)
+
+
+def test_hybrid_rejects_a_stride_finer_than_its_stem():
+    with pytest.raises(WsssError, match=r"patch size 2 must be a multiple of its conv stem's reduction \(4, 4\)"):
+        _tiny(model_name="vit_tiny_r_s16_p8_224", patch_size=2)
+
+
+def test_bad_option_values_are_rejected():
+    with pytest.raises(ValueError, match="partial_patches"):
+        ViTConfig(partial_patches="pad")
+    with pytest.raises(WsssError, match="MCTformer's"):
+        _tiny(pos_embed_resampler="mctformer")
