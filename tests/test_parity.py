@@ -343,6 +343,8 @@ def test_mctformer_evaluation_curve(case):
     fx, prefix = fixtures(), f"eval/{case}/"
     result = sweep(case, metadata()["eval_thresholds"]["mctformer_curve"])
     np.testing.assert_array_equal(result.thresholds, fx[prefix + "thresholds"].numpy())
+    gt_present = np.flatnonzero(result.confusion_at(0).counts.sum(axis=1))
+    np.testing.assert_array_equal(gt_present, fx[prefix + "gt_classes_present"].numpy())
     rows = [result.confusion_at(i).scores(mean_over="all") for i in range(len(result.thresholds))]
     miou = np.array([row["miou"] for row in rows]) * 100
     check("eval miou", miou, fx[prefix + "miou"], "curve")

@@ -24,7 +24,7 @@ def _tiny(**overrides) -> AttentionViT:
 
 
 def load_weights(model: AttentionViT, path) -> None:
-    load_pretrained(model, read_mapped(str(path), vit_state_dict), str(path))
+    load_pretrained(model, *read_mapped(str(path), vit_state_dict))
 
 
 def _timm_model(img_size: int, num_classes: int = NUM_CLASSES) -> torch.nn.Module:

@@ -137,10 +137,15 @@ def resnet_state_dict(state_dict: StateDict, source: str) -> StateDict:
     raise _unknown(source, state_dict, layout, ("torchvision-resnet", "torchvision-segmentation"))
 
 
-def read_mapped(uri: str, mapping: Callable[[StateDict, str], StateDict],
-                storage_options: storage.StorageOptions | None = None) -> StateDict:
-    """``mapping`` (one of the ``*_state_dict`` functions) applied to the file at ``uri``."""
-    return mapping(read_state_dict(uri, storage_options), uri)
+def read_mapped(uri: str | None, mapping: Callable[[StateDict, str], StateDict],
+                storage_options: storage.StorageOptions | None = None) -> tuple[StateDict | None, str]:
+    """(``mapping`` of the file at ``uri``, ``uri``) for a model builder; (None, "state dict") without a file.
+
+    ``mapping`` is one of the ``*_state_dict`` functions above.
+    """
+    if not uri:
+        return None, "state dict"
+    return mapping(read_state_dict(uri, storage_options), uri), uri
 
 
 # ---------------------------------------------------------------- builders (the methods' build_model)
@@ -149,25 +154,16 @@ def read_mapped(uri: str, mapping: Callable[[StateDict, str], StateDict],
 def build_classifier(cfg: ViTConfig, num_classes: int,
                      storage_options: storage.StorageOptions | None = None) -> AttentionViT:
     """The ViT classifier, with ``cfg.weights`` loaded when set."""
-    if not cfg.weights:
-        return create_classifier(cfg, num_classes)
-    return create_classifier(cfg, num_classes, read_mapped(cfg.weights, vit_state_dict, storage_options),
-                             source=cfg.weights)
+    return create_classifier(cfg, num_classes, *read_mapped(cfg.weights, vit_state_dict, storage_options))
 
 
 def build_mctformer(cfg: ViTConfig, num_classes: int, version: str,
                     storage_options: storage.StorageOptions | None = None) -> MCTformer:
     """MCTformer-``version``, with ``cfg.weights`` (MCTformer or single-class-token ViT layout) when set."""
-    if not cfg.weights:
-        return create_mctformer(cfg, num_classes, version)
-    return create_mctformer(cfg, num_classes, version,
-                            read_mapped(cfg.weights, mctformer_state_dict, storage_options), source=cfg.weights)
+    return create_mctformer(cfg, num_classes, version, *read_mapped(cfg.weights, mctformer_state_dict, storage_options))
 
 
 def build_deeplab(cfg: DeepLabConfig, num_classes: int,
                   storage_options: storage.StorageOptions | None = None) -> DeepLabV2:
     """DeepLab-V2, its backbone from ``cfg.backbone_weights`` (torchvision layouts) when set."""
-    if not cfg.backbone_weights:
-        return create_deeplab(cfg, num_classes)
-    return create_deeplab(cfg, num_classes, read_mapped(cfg.backbone_weights, resnet_state_dict, storage_options),
-                          source=cfg.backbone_weights)
+    return create_deeplab(cfg, num_classes, *read_mapped(cfg.backbone_weights, resnet_state_dict, storage_options))
