@@ -34,7 +34,7 @@ from ray_wsss.core import commit, storage
 from ray_wsss.core.data.augment import ClassifierTransform
 from ray_wsss.core.methods import get_method
 from ray_wsss.core.methods.acr import ACRLossConfig
-from ray_wsss.core.methods.views import random_view
+from ray_wsss.core.methods.views import draw_view
 from ray_wsss.core.optim import build_optimizer, poly_schedule
 from ray_wsss.stages import train_acr
 from ray_wsss.stages.prepare_data import PrepareConfig
@@ -108,7 +108,7 @@ def plain_loop(cfg: TrainClassifierConfig, threads: int, loader_workers: int) ->
         step_module.train()
         batches = 0
         for batch in train_loader:
-            view = random_view(view_rng, scales=cfg.view_scales) if two_views else None
+            view = draw_view(cfg.view_set, view_rng, cfg.view_scales) if two_views else None
             losses = step_module(batch["image"], batch["labels"], view)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()

@@ -12,6 +12,7 @@ import torchvision
 from ray_wsss.core.errors import WsssError
 from ray_wsss.core.inference import IMAGENET_MEAN, IMAGENET_STD, normalize_image, predict_probs
 from ray_wsss.core.models.deeplab import ASPP_RATES, DeepLabConfig, DeepLabV2, create_deeplab, output_size
+from ray_wsss.core.weights import build_deeplab
 
 NUM_CLASSES = 5
 
@@ -131,7 +132,7 @@ def test_loads_torchvision_resnet_weights(tmp_path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
     torch.manual_seed(2)
-    model = create_deeplab(DeepLabConfig("resnet18", backbone_weights=str(path)), NUM_CLASSES)
+    model = build_deeplab(DeepLabConfig("resnet18", backbone_weights=str(path)), NUM_CLASSES)
     loaded = model.backbone.state_dict()
     for key, value in reference.state_dict().items():
         if key.startswith("fc."):
@@ -143,14 +144,14 @@ def test_loads_torchvision_resnet_weights(tmp_path) -> None:
 def test_missing_weights_file_names_the_path(tmp_path) -> None:
     path = tmp_path / "nowhere" / "resnet18.pth"
     with pytest.raises(WsssError, match="nowhere/resnet18.pth"):
-        create_deeplab(DeepLabConfig("resnet18", backbone_weights=str(path)), NUM_CLASSES)
+        build_deeplab(DeepLabConfig("resnet18", backbone_weights=str(path)), NUM_CLASSES)
 
 
 def test_wrong_depth_weights_report_keys(tmp_path) -> None:
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
     with pytest.raises(WsssError, match=r"r18\.pth.*missing keys \['layer1\.0\.bn3"):
-        create_deeplab(DeepLabConfig("resnet50", backbone_weights=str(path)), NUM_CLASSES)
+        build_deeplab(DeepLabConfig("resnet50", backbone_weights=str(path)), NUM_CLASSES)
 
 
 def test_normalize_image() -> None:

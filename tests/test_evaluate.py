@@ -4,7 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_wsss.core.metrics import DEFAULT_THRESHOLDS, ConfusionMatrix, ThresholdSweep, scores_to_labels
+from ray_wsss.core.metrics import (
+    DEFAULT_THRESHOLD_GRID,
+    DEFAULT_THRESHOLDS,
+    ConfusionMatrix,
+    ThresholdSweep,
+    parse_threshold_grid,
+    pick_threshold,
+    scores_to_labels,
+)
 
 
 def reference_scores(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> dict:
@@ -225,3 +233,45 @@ def test_threshold_sweep_rejects_bad_input():
         sweep.best()
     with pytest.raises(ValueError, match="increasing"):
         ThresholdSweep(3, thresholds=[0.5, 0.1])
+
+
+def test_threshold_grid_is_exactly_the_authors():
+    assert parse_threshold_grid("0.00:0.59:0.01") == tuple(i / 100.0 for i in range(60))  # MCTformer's i / 100.0
+    assert parse_threshold_grid("0:0.99:0.01") == tuple(i / 100.0 for i in range(100))
+    assert parse_threshold_grid(DEFAULT_THRESHOLD_GRID) == DEFAULT_THRESHOLDS == tuple(round(0.05 * i, 2) for i in range(20))
+    assert parse_threshold_grid("0.3:0.3:0.1") == (0.3,)
+    for bad in ("0:1", "a:b:c", "0:1:0", "1:0:0.1"):
+        with pytest.raises(ValueError, match="threshold grid"):
+            parse_threshold_grid(bad)
+
+
+def test_pick_threshold_max_and_early_stop():
+    curve = [0.2, 0.4, 0.4, 0.3, 0.9]
+    assert pick_threshold(curve, "max") == (4, 5)
+    assert pick_threshold(curve, "early-stop") == (1, 3)  # 0.4 at index 2 is not strictly higher: stop there
+    assert pick_threshold([0.1, 0.2, 0.3], "early-stop") == (2, 3)
+    assert pick_threshold([None, 0.5, 0.4], "max") == (1, 3)
+    with pytest.raises(ValueError, match="pick"):
+        pick_threshold(curve, "best")
+
+
+def test_mean_over_all_classes_counts_absent_ones_as_zero():
+    gt = np.array([[0, 0, 1, 1]], np.uint8)
+    pred = np.array([[0, 1, 1, 1]], np.uint8)
+    matrix = ConfusionMatrix(4)  # classes 2 and 3 appear nowhere
+    matrix.add(pred, gt)
+    scores = matrix.scores(mean_over="all")
+    assert scores["per_class"] == {0: 0.5, 1: pytest.approx(2 / 3), 2: 0.0, 3: 0.0}
+    assert scores["miou"] == pytest.approx((1 / 2 + 2 / 3) / 4)
+    assert scores["fp"] == pytest.approx((0 + 1 / 3) / 4) and scores["fn"] == pytest.approx((1 / 2 + 0) / 4)
+    assert matrix.scores(mean_over="present")["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="mean_over"):
+        matrix.scores(mean_over="some")
+
+
+def test_class_ties_go_to_the_lowest_class_id_whatever_the_order():
+    scores = np.full((2, 1, 3), 0.7, np.float32)
+    assert scores_to_labels(scores, [5, 2], 0.5).tolist() == [[2, 2, 2]]
+    sweep = ThresholdSweep(6, (0.5,))
+    sweep.add(scores, [5, 2], np.array([[2, 2, 5]], np.uint8))
+    assert sweep.confusion_at(0).counts[2, 2] == 2 and sweep.confusion_at(0).counts[5, 2] == 1

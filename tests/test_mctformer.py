@@ -15,10 +15,11 @@ from ray_wsss.core.methods import MapOptions, get_method
 from ray_wsss.core.methods.acr import ACRLossConfig
 from ray_wsss.core.methods.mct import mct_acr_losses, mct_losses
 from ray_wsss.core.methods.views import View
-from ray_wsss.core.models.mctformer import MCTformer, MCTOutput, create_mctformer
+from ray_wsss.core.models.mctformer import MCTformer, MCTOutput
 from ray_wsss.core.models.vit import ViTConfig
 from ray_wsss.core.seeds.mct_maps import MCTMapConfig, maps_from_output, mct_class_maps
 from ray_wsss.core.seeds.tta import TTAConfig
+from ray_wsss.core.weights import build_mctformer
 
 
 def mct_seed_scores(model, rgb, classes, scales=(1.0,), flip=True, layers=None):
@@ -61,7 +62,7 @@ def _load_authors(tmp_path, version: str, grid: int = 4) -> tuple[MCTformer, dic
     sd = _authors_state_dict(version, grid)
     path = tmp_path / f"mctformer_{version}.pth"
     torch.save({"model": sd}, path)
-    model = create_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version)
+    model = build_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version)
     return model.eval(), sd
 
 
@@ -163,7 +164,7 @@ def test_mismatched_checkpoints_are_rejected(tmp_path):
         path = tmp_path / f"{name}.pth"
         torch.save(broken, path)
         with pytest.raises(WsssError):
-            create_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, "v2")
+            build_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, "v2")
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -175,7 +176,7 @@ def test_single_token_vit_init_repeats_class_token_and_its_position(tmp_path, ve
         vit.cls_token.normal_()
     path = tmp_path / "deit.pth"
     torch.save({"model": vit.state_dict()}, path)
-    model = create_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version)
+    model = build_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version)
     sd = vit.state_dict()
     torch.testing.assert_close(model.cls_token.detach(), sd["cls_token"].expand(1, C, D), rtol=0, atol=0)
     torch.testing.assert_close(model.pos_embed.detach()[:, :C], sd["pos_embed"][:, :1].expand(1, C, D),
@@ -193,7 +194,7 @@ def test_own_checkpoint_round_trip(tmp_path, version):
     source = get_method(f"mct-{version}").build_model(CFG, C).eval()
     path = tmp_path / "ckpt.pth"
     torch.save({"model": source.state_dict(), "model_config": vars(CFG)}, path)
-    loaded = create_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version).eval()
+    loaded = build_mctformer(ViTConfig(**{**vars(CFG), "weights": str(path)}), C, version).eval()
     x = torch.randn(1, 3, 24, 40)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, source(x).logits, rtol=0, atol=0)
@@ -364,3 +365,40 @@ def test_model_deep_copies_and_rejects_bad_sizes():
         model(torch.randn(1, 3, 30, 32))
     with pytest.raises(ValueError, match="version"):
         MCTformer(CFG, C, "v3")
+
+
+def test_authors_position_embedding_rule():
+    """pos_embed_resampler="mctformer": unchanged only for the base grid's token count from a SQUARE input;
+    otherwise bicubic (no antialias) at scale ((gh + 0.1) / 4, (gw + 0.1) / 4) on the 4x4 base grid."""
+    model = MCTformer(ViTConfig(**{**vars(CFG), "pos_embed_resampler": "mctformer"}), C, "v1")
+    pos = model.pos_embed.detach()
+    base = pos[:, C:].reshape(1, 4, 4, D).permute(0, 3, 1, 2)
+
+    def expected(grid):
+        out = F.interpolate(base, scale_factor=((grid[0] + 0.1) / 4, (grid[1] + 0.1) / 4), mode="bicubic",
+                            align_corners=False)
+        assert out.shape[-2:] == grid
+        return torch.cat([pos[:, :C], out.permute(0, 2, 3, 1).reshape(1, -1, D)], dim=1)
+
+    with torch.no_grad():
+        assert torch.equal(model.resampled_pos_embed((4, 4), (32, 32)), pos)
+        # the base grid from a 32 x 39 input (partial patches dropped): still resampled, by 4.1 / 4
+        same_grid = model.resampled_pos_embed((4, 4), (32, 39))
+        torch.testing.assert_close(same_grid, expected((4, 4)), rtol=0, atol=0)
+        assert not torch.allclose(same_grid, pos)
+        for grid in [(3, 6), (7, 5), (2, 2)]:
+            torch.testing.assert_close(model.resampled_pos_embed(grid), expected(grid), rtol=0, atol=0)
+        timm_like = MCTformer(CFG, C, "v1")
+        timm_like.load_state_dict(model.state_dict())
+        assert not torch.allclose(timm_like.resampled_pos_embed((3, 6)), expected((3, 6)))
+
+
+def test_partial_patches_and_the_square_rule_in_the_forward():
+    cfg = ViTConfig(**{**vars(CFG), "pos_embed_resampler": "mctformer", "partial_patches": "drop"})
+    model = MCTformer(cfg, C, "v2").eval()
+    x = torch.randn(1, 3, 36, 36)
+    with torch.no_grad():
+        # square 36 x 36 -> grid 4x4 = the base grid, square: same as the cropped 32 x 32 input
+        torch.testing.assert_close(model(x).logits, model(x[..., :32, :32]).logits, rtol=0, atol=0)
+        # 32 x 36 -> the same 4x4 grid but not square: the position embeddings are resampled
+        assert not torch.allclose(model(x[..., :32, :]).logits, model(x[..., :32, :32]).logits)

@@ -169,3 +169,81 @@ def test_tta_batch_equals_single(model):
         np.testing.assert_allclose(got, seed_scores(model, rgb, row), atol=1e-5)
     with pytest.raises(ValueError, match="image 1"):
         seed_scores_batch(model, [images[0], images[1][..., :2]], [[1], [1]])
+
+
+def test_sum_over_blocks_scales_the_maps_only(model, images):
+    """layer_reduction="sum" (the authors' code): gradient maps x L, refined maps x L x depth, same seeds shape."""
+    depth, grad_layers = len(model.vit.blocks), 2
+    for refine, factor in ((False, grad_layers), (True, grad_layers * depth)):
+        mean = class_maps(model, images, CLASSES, ACRMapConfig(grad_layers=grad_layers, refine=refine))
+        summed = class_maps(model, images, CLASSES,
+                            ACRMapConfig(grad_layers=grad_layers, refine=refine, layer_reduction="sum"))
+        for got, want in zip(summed, mean):
+            torch.testing.assert_close(got, want * factor, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="layer_reduction"):
+        ACRMapConfig(layer_reduction="max")
+
+
+def _pooled_maps(model, images, classes):
+    """A stand-in class-map function: per class, the patch-mean of one channel (a known map per view)."""
+    patch = model.patch_size
+    pooled = torch.nn.functional.avg_pool2d(images, patch)
+    return [torch.stack([pooled[i, c % 3] + c for c in row]) for i, row in enumerate(classes)]
+
+
+@pytest.mark.parametrize("align_corners,eps", [(False, 0.0), (True, 1e-6)])
+def test_tta_upsampling_flip_and_normalisation_options(model, align_corners, eps):
+    """Each view's maps upsampled (align_corners as set), un-flipped, summed, then (x-min)/(max-min+eps)."""
+    from ray_wsss.core.data.augment import normalize
+    from ray_wsss.core.seeds.tta import seed_scores_batch
+
+    rgb = np.random.default_rng(7).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    classes = [2, 4]
+    tta = TTAConfig(flip=True, align_corners=align_corners, minmax_eps=eps)
+    got = seed_scores_batch(_pooled_maps, model, [rgb], [classes], tta)[0]
+
+    x = normalize(rgb)[None]
+    up = lambda maps: torch.nn.functional.interpolate(maps, size=(32, 48), mode="bilinear", align_corners=align_corners)
+    total = up(_pooled_maps(model, x, [classes])[0][None]) + up(_pooled_maps(model, x.flip(-1), [classes])[0][None]).flip(-1)
+    flat = total[0].flatten(1)
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    expected = ((flat - low) / (high - low + eps)).reshape(2, 32, 48)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
+    other = seed_scores_batch(_pooled_maps, model, [rgb], [classes], TTAConfig(flip=True, align_corners=not align_corners))
+    assert not np.allclose(got, other[0], atol=1e-4)  # the option changes the result
+
+
+def test_view_sizes_of_the_three_resize_modes():
+    from ray_wsss.core.seeds.tta import view_size
+
+    patch = (16, 16)
+    assert view_size(117, 165, 0.5, patch, TTAConfig()) == (64, 80)                       # aspect, patch multiples
+    assert view_size(117, 165, 1.0, patch, TTAConfig(resize="square", base_size=224)) == (224, 224)
+    assert view_size(117, 165, 0.75, patch, TTAConfig(resize="square", base_size=224)) == (176, 176)  # 168 -> 10.5 -> 11 patches
+    # pillow: Python's round, halves to even, no patch rounding (58.5 -> 58, 82.5 -> 82, 247.5 -> 248)
+    assert view_size(117, 165, 0.5, patch, TTAConfig(resize="pillow")) == (58, 82)
+    assert view_size(117, 165, 1.5, patch, TTAConfig(resize="pillow")) == (176, 248)
+    with pytest.raises(ValueError, match="needs base_size"):
+        TTAConfig(resize="square")
+    with pytest.raises(ValueError, match="base_size must be None"):
+        TTAConfig(resize="pillow", base_size=224)
+    with pytest.raises(ValueError, match="resize must be one of"):
+        TTAConfig(resize="crop")
+
+
+def test_square_view_is_float64_bilinear_then_float32_normalisation():
+    """The ACR authors' input: resize the float64 pixels without antialias, /255, normalise in float64, cast."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from ray_wsss.core.seeds.tta import view_input
+
+    rgb = np.random.default_rng(8).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    got = view_input(rgb, (32, 32), "square")
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].double()
+    resized = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="bilinear", align_corners=False)[0]
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float64).view(3, 1, 1)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, ((resized / 255 - mean) / std).float())
+    antialiased = view_input(rgb, (32, 32), "aspect")
+    assert not torch.allclose(got, antialiased, atol=1e-3)  # downscaling without antialias differs

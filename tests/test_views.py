@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ray_wsss.core.methods.views import View, random_view
+from ray_wsss.core.methods.views import View, draw_view, random_view
 
 GRIDS = [(3, 5), (4, 4), (2, 7)]
 PERMUTATION_VIEWS = [View(hflip=h, vflip=v, rot90=r) for h, v, r in itertools.product((False, True), (False, True), range(4))]
@@ -175,3 +175,12 @@ def test_inverse_recovers_equivariant_attention(view, grid):
     torch.testing.assert_close(view.invert_patch_block(attn_view[1:, 1:], grid), attn[1:, 1:], rtol=0, atol=1e-6)
     if not torch.equal(view.token_index(grid), torch.arange(grid[0] * grid[1])):  # without f⁻¹ they differ
         assert not torch.allclose(attn_view[1:, 1:], attn[1:, 1:], atol=1e-6)
+
+
+def test_view_sets():
+    generator = torch.Generator().manual_seed(5)
+    assert all(draw_view("hflip", generator) == View(hflip=True) for _ in range(5))
+    drawn = [draw_view("random", torch.Generator().manual_seed(s), (1.0, 0.5)) for s in range(8)]
+    assert drawn == [random_view(torch.Generator().manual_seed(s), scales=(1.0, 0.5)) for s in range(8)]
+    with pytest.raises(ValueError, match="unknown view set 'vflip'"):
+        draw_view("vflip", generator)

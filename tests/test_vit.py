@@ -6,11 +6,13 @@ import logging
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from ray_wsss.core.errors import WsssError
-from ray_wsss.core.models.vit import AttentionViT, ViTConfig, create_classifier, load_weights
+from ray_wsss.core.models.vit import AttentionViT, ViTConfig, load_pretrained
+from ray_wsss.core.weights import build_classifier, read_mapped, vit_state_dict
 
 NUM_CLASSES = 4
 TINY = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
@@ -19,6 +21,10 @@ TINY = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=
 def _tiny(**overrides) -> AttentionViT:
     torch.manual_seed(0)
     return AttentionViT(ViTConfig(**{**TINY, **overrides}), NUM_CLASSES).eval()
+
+
+def load_weights(model: AttentionViT, path) -> None:
+    load_pretrained(model, *read_mapped(str(path), vit_state_dict))
 
 
 def _timm_model(img_size: int, num_classes: int = NUM_CLASSES) -> torch.nn.Module:
@@ -66,7 +72,7 @@ def test_timm_state_dict_with_same_grid_gives_same_logits(tmp_path):
     source = _timm_model(img_size=32)
     path = tmp_path / "timm.pth"
     torch.save(source.state_dict(), path)
-    model = create_classifier(ViTConfig(**TINY, weights=str(path)), NUM_CLASSES).eval()
+    model = build_classifier(ViTConfig(**TINY, weights=str(path)), NUM_CLASSES).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, source(x), rtol=1e-5, atol=1e-5)
@@ -77,7 +83,7 @@ def test_deit_wrapped_state_dict_is_resampled_to_another_grid(tmp_path):
     path = tmp_path / "deit.pth"
     torch.save({"model": source.state_dict()}, path)
     model = _tiny()
-    load_weights(model, str(path))
+    load_weights(model, path)
     expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=(4, 4), num_prefix_tokens=1)
     assert model.vit.pos_embed.shape == (1, 17, 64)
     torch.testing.assert_close(model.vit.pos_embed.detach(), expected)
@@ -95,7 +101,7 @@ def test_safetensors_with_other_head_drops_the_head(tmp_path, caplog):
     model = _tiny()
     head_before = model.vit.head.weight.detach().clone()
     with caplog.at_level(logging.WARNING, logger="ray_wsss.core.models.vit"):
-        load_weights(model, str(path))
+        load_weights(model, path)
     assert "head.weight" in caplog.text
     assert torch.equal(model.vit.head.weight, head_before)
     assert torch.equal(model.vit.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
@@ -108,7 +114,7 @@ def test_project_checkpoint_loads(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": trained.state_dict(), "model_config": dict(TINY), "epoch": 3}, path)
     model = AttentionViT(ViTConfig(**TINY), NUM_CLASSES).eval()
-    load_weights(model, str(path))
+    load_weights(model, path)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x).logits, trained(x).logits)
@@ -117,7 +123,7 @@ def test_project_checkpoint_loads(tmp_path):
 def test_missing_weight_file_names_the_path(tmp_path):
     missing = str(tmp_path / "nope.pth")
     with pytest.raises(WsssError, match="nope.pth"):
-        create_classifier(ViTConfig(**TINY, weights=missing), NUM_CLASSES)
+        build_classifier(ViTConfig(**TINY, weights=missing), NUM_CLASSES)
 
 
 def test_missing_parameters_are_an_error(tmp_path):
@@ -126,4 +132,54 @@ def test_missing_parameters_are_an_error(tmp_path):
     path = tmp_path / "partial.pth"
     torch.save(state, path)
     with pytest.raises(WsssError, match="blocks.1.mlp.fc1.weight"):
-        load_weights(_tiny(), str(path))
+        load_weights(_tiny(), path)
+
+
+def test_pre_norm_head_reads_the_last_blocks_class_token_before_the_norm():
+    """The ACR authors' head: block outputs -> head(class token), the final LayerNorm skipped."""
+    model = _tiny(pre_norm_head=True)
+    x = torch.randn(2, 3, 32, 40)
+    vit = model.vit
+    with torch.no_grad():
+        tokens = vit.blocks(vit._pos_embed(vit.patch_embed(x)))  # timm's own stages, without norm and pooling
+        torch.testing.assert_close(model(x).logits, vit.head(tokens[:, 0]), rtol=1e-6, atol=1e-6)
+        timm_head = _tiny()  # the same weights (seed), timm's head after the final norm
+        normed = F.layer_norm(tokens, (tokens.shape[-1],), vit.norm.weight, vit.norm.bias, vit.norm.eps)
+        torch.testing.assert_close(timm_head(x).logits, vit.head(normed[:, 0]), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(model(x).logits, timm_head(x).logits, atol=1e-3)
+    assert "vit.norm.weight" in model.state_dict()  # kept for the layout (the authors' checkpoints have it)
+    assert not any(p.requires_grad for p in vit.norm.parameters())  # frozen: DDP sees no unused parameter
+
+
+def test_partial_patches_are_an_error_or_dropped_like_a_patch_conv():
+    x = torch.randn(1, 3, 37, 45)
+    with pytest.raises(ValueError, match="partial_patches='drop'"):
+        _tiny()(x)
+    model = _tiny(partial_patches="drop")
+    out = model(x)
+    assert out.grid == (4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(x[..., :32, :40]).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stride,timm_patch", [(8, 2), (16, 4), (32, 8)])
+def test_hybrid_patch_size_is_its_token_stride(stride, timm_patch):
+    """A conv-stem ViT (stem reduction 4): patch_size is pixels per token; timm's patch is stride / 4."""
+    model = _tiny(model_name="vit_tiny_r_s16_p8_224", img_size=32, patch_size=stride)
+    assert model.vit.patch_embed.feature_ratio == (4, 4)
+    assert tuple(model.vit.patch_embed.patch_size) == (timm_patch, timm_patch) and model.patch_size == (stride, stride)
+    out = model(torch.randn(2, 3, 32, 64))
+    grid = (32 // stride, 64 // stride)
+    assert out.grid == grid and all(a.shape[-1] == 1 + grid[0] * grid[1] for a in out.attentions)
+
+
+def test_hybrid_rejects_a_stride_finer_than_its_stem():
+    with pytest.raises(WsssError, match=r"patch size 2 must be a multiple of its conv stem's reduction \(4, 4\)"):
+        _tiny(model_name="vit_tiny_r_s16_p8_224", patch_size=2)
+
+
+def test_bad_option_values_are_rejected():
+    with pytest.raises(ValueError, match="partial_patches"):
+        ViTConfig(partial_patches="pad")
+    with pytest.raises(WsssError, match="MCTformer's"):
+        _tiny(pos_embed_resampler="mctformer")

@@ -71,9 +71,13 @@ def load_state(checkpoint_uri: str, options: StorageOptions | None = None) -> di
     return {**meta, "model": weights}
 
 
-def load_classifier(checkpoint_uri: str, options: StorageOptions | None,
-                    device: torch.device) -> tuple[torch.nn.Module, Method, list[str]]:
-    """(model in eval mode on ``device``, its method, class names) from a classifier checkpoint directory."""
+def load_classifier(checkpoint_uri: str, options: StorageOptions | None, device: torch.device,
+                    model_overrides: dict[str, Any] | None = None) -> tuple[torch.nn.Module, Method, list[str]]:
+    """(model in eval mode on ``device``, its method, class names) from a classifier checkpoint directory.
+
+    ``model_overrides``: ViTConfig fields that change how the trained model runs, not its weights
+    (``partial_patches``, ``pos_embed_resampler``); None values keep the checkpoint's.
+    """
     from ray_wsss.core.methods import get_method
     from ray_wsss.core.models.vit import ViTConfig
 
@@ -81,7 +85,9 @@ def load_classifier(checkpoint_uri: str, options: StorageOptions | None,
     class_names = state["class_names"]
     method = get_method(state["method"])
     # The trained weights cover everything: never load the initial ones again.
-    model = method.build_model(ViTConfig(**{**state["model_config"], "weights": None}), len(class_names) - 1)
+    overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
+    model = method.build_model(ViTConfig(**{**state["model_config"], **overrides, "weights": None}),
+                               len(class_names) - 1)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), method, class_names
 

@@ -8,10 +8,19 @@ Conventions (VOC protocol, as in the seed papers):
   * background (class 0) is a class like the others; ground truth 255 is skipped;
   * a predicted 255 (an ignore region of a pseudo mask) means "no class": the pixel counts in T_c of its
     ground-truth class and in no P_c, so ignoring a pixel lowers that class's IoU instead of being free;
-  * a class absent from both ground truth and prediction (union 0) is left out of the mean and reported
-    as None, not as an IoU of 0;
+  * ``mean_over="present"`` (default): a class absent from both ground truth and prediction (union 0) is
+    left out of the mean and reported as None, not as an IoU of 0. ``mean_over="all"`` is the papers'
+    evaluation code (MCTformer's and ACR's ``evaluation.py``): the mean is over every class of the data
+    set and such a class counts as IoU 0 (and FP = FN = 0). On a subset that lacks some classes the two
+    differ by a lot; on full VOC val every class is present and they agree. (Their +1e-10 in every
+    denominator changes an IoU by at most 1e-10 / union, below any printed digit, so it is not modelled.)
   * FP_c = (P_c - TP_c) / union_c and FN_c = (T_c - TP_c) / union_c, averaged over the same classes as
     the mIoU (so IoU_c + FP_c + FN_c = 1 for every counted class).
+  * a seed pixel is background when its top score is <= the threshold (a class wins only strictly above
+    it); among classes, ties go to the lowest class id, as in the authors' argmax over class-indexed maps.
+  * the threshold a sweep reports: ``pick="max"`` the highest mIoU (the lowest threshold on ties), or
+    ``"early-stop"``, MCTformer's ``--curve`` loop: walk the thresholds upwards and stop at the first whose
+    mIoU is not strictly above the best so far.
 
 Score maps are compared in float32, the dtype `codec.decode_scores` returns: the sweep, `scores_to_labels`
 and `refine.crf` all cast to it, so a threshold picked by the sweep gives the same labels everywhere.
@@ -19,13 +28,61 @@ and `refine.crf` all cast to it, so a threshold picked by the sweep gives the sa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 
 import numpy as np
 
 from ray_wsss.core.schema import IGNORE_INDEX
 
-DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))  # 0.00 .. 0.95
 SCORE_DTYPE = np.float32
+MEAN_OVER = ("present", "all")
+THRESHOLD_PICKS = ("max", "early-stop")
+
+
+def parse_threshold_grid(grid: str) -> tuple[float, ...]:
+    """``"start:stop:step"`` (stop included) -> the thresholds, each the double nearest its decimal value.
+
+    ``"0.00:0.59:0.01"`` gives exactly MCTformer's ``i / 100.0`` for i = 0..59, so the float32 comparison
+    with the scores is the same as theirs.
+    """
+    parts = grid.split(":")
+    try:
+        start, stop, step = (Decimal(p.strip()) for p in parts)
+    except (ValueError, InvalidOperation, TypeError):
+        raise ValueError(f"threshold grid {grid!r} is not start:stop:step (three numbers)") from None
+    if not step > 0 or stop < start:
+        raise ValueError(f"threshold grid {grid!r}: step must be positive and stop >= start")
+    count = int((stop - start) / step) + 1
+    return tuple(float(start + i * step) for i in range(count))
+
+
+DEFAULT_THRESHOLD_GRID = "0.00:0.95:0.05"
+DEFAULT_THRESHOLDS: tuple[float, ...] = parse_threshold_grid(DEFAULT_THRESHOLD_GRID)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def pick_threshold(mious: Sequence[float | None], pick: str = "max") -> tuple[int, int]:
+    """(index of the reported threshold, how many thresholds the rule looked at) for a curve of mIoUs.
+
+    ``"max"`` looks at all; ``"early-stop"`` (MCTformer's ``--curve``) stops at the first mIoU that is
+    not strictly above the best so far. None (nothing counted) is below everything.
+    """
+    _check_choice("pick", pick, THRESHOLD_PICKS)
+    values = [-np.inf if m is None else m for m in mious]
+    if not values or not np.isfinite(values).any():
+        raise ValueError("the threshold sweep has counted no ground-truth pixels")
+    if pick == "max":
+        return int(np.argmax(values)), len(values)
+    best = 0
+    for index in range(1, len(values)):
+        if not values[index] > values[best]:
+            return best, index + 1
+        best = index
+    return best, len(values)
 
 
 def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list:
@@ -59,7 +116,10 @@ def _check_scores(scores: np.ndarray, classes: Sequence[int], max_class: int) ->
 
 
 def _top_class(scores: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per pixel of float32 scores [k, ...] (k >= 1): (best class id, its score); first map wins ties."""
+    """Per pixel of float32 scores [k, ...] (k >= 1): (best class id, its score); the lowest id wins ties."""
+    if (np.diff(classes) < 0).any():
+        order = np.argsort(classes, kind="stable")
+        scores, classes = scores[order], classes[order]
     best = scores.argmax(axis=0)
     top = np.take_along_axis(scores, best[None], axis=0)[0]
     if not np.isfinite(top).all():
@@ -122,15 +182,21 @@ class ConfusionMatrix:
         self.counts += other.counts
         return self
 
-    def scores(self, class_names: Sequence[str] | None = None) -> dict:
-        """{"miou", "fp", "fn", "pixel_acc", "per_class": {name: iou or None}}; None metrics when empty."""
+    def scores(self, class_names: Sequence[str] | None = None, mean_over: str = "present") -> dict:
+        """{"miou", "fp", "fn", "pixel_acc", "per_class": {name: iou or None}}; None metrics when empty.
+
+        ``mean_over``: "present" or "all" (module docstring); with "all" every class has an IoU.
+        """
+        _check_choice("mean_over", mean_over, MEAN_OVER)
         k = self.num_classes
         tp = np.diagonal(self.counts[:, :k]).astype(np.float64)
         gt_total = self.counts.sum(axis=1)
         pred_total = self.counts[:, :k].sum(axis=0)
         union = gt_total + pred_total - tp
-        counted = union > 0
-        iou = np.divide(tp, union, out=np.zeros(k), where=counted)
+        present = union > 0
+        counted = present if mean_over == "present" or not present.any() else np.ones(k, bool)
+        union = np.where(present, union, 1)  # absent classes: 0 / 1, as the authors' 0 / 1e-10
+        iou = tp / union
         names = _class_names(class_names, k)
         per_class = {name: (float(iou[c]) if counted[c] else None) for c, name in enumerate(names)}
         if not counted.any():
@@ -201,18 +267,16 @@ class ThresholdSweep:
         matrix.counts[:, 0] += self.counts[:, :, :index + 1].sum(axis=(1, 2))  # the rest is background
         return matrix
 
-    def curve(self) -> list[tuple[float, float | None]]:
+    def curve(self, mean_over: str = "present") -> list[tuple[float, float | None]]:
         """[(threshold, mIoU), ...] for every threshold."""
-        return [(float(t), self.confusion_at(i).scores()["miou"]) for i, t in enumerate(self.thresholds)]
+        return [(float(t), self.confusion_at(i).scores(mean_over=mean_over)["miou"])
+                for i, t in enumerate(self.thresholds)]
 
-    def best(self, class_names: Sequence[str] | None = None) -> dict:
-        """Scores at the threshold of highest mIoU (the lowest one on ties) plus "threshold" and "curve"."""
-        curve = self.curve()
-        mious = [-np.inf if miou is None else miou for _, miou in curve]
-        if not np.isfinite(mious).any():
-            raise ValueError("the threshold sweep has counted no ground-truth pixels")
-        index = int(np.argmax(mious))
-        result = self.confusion_at(index).scores(class_names)
+    def best(self, class_names: Sequence[str] | None = None, mean_over: str = "present", pick: str = "max") -> dict:
+        """Scores at the threshold ``pick`` chooses (:func:`pick_threshold`) plus "threshold" and "curve"."""
+        curve = self.curve(mean_over)
+        index, _ = pick_threshold([miou for _, miou in curve], pick)
+        result = self.confusion_at(index).scores(class_names, mean_over)
         result.update(threshold=curve[index][0], curve=curve)
         return result
 

@@ -18,7 +18,14 @@ from ray_wsss.core import codec, commit, storage
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
-from ray_wsss.core.metrics import DEFAULT_THRESHOLDS, ConfusionMatrix, ThresholdSweep
+from ray_wsss.core.metrics import (
+    DEFAULT_THRESHOLD_GRID,
+    MEAN_OVER,
+    THRESHOLD_PICKS,
+    ConfusionMatrix,
+    ThresholdSweep,
+    parse_threshold_grid,
+)
 from ray_wsss.harness import batch_stage
 
 log = logging.getLogger(__name__)
@@ -33,9 +40,20 @@ class EvaluateConfig(batch_stage.DataStageConfig):
     pred: str = option("runs/default/seeds", "seeds or masks stage URI")
     kind: str = option("seeds", "what --pred holds", choices=KINDS)
     threshold: float | None = option(None, "seeds: score at this background threshold instead of sweeping", min=0, max=1)
+    thresholds: str = option(DEFAULT_THRESHOLD_GRID, "seeds: background thresholds to sweep, start:stop:step with "
+                                                     "stop included (MCTformer's curve: 0.00:0.59:0.01)")
+    threshold_pick: str = option("max", "seeds: the threshold reported, max (highest mIoU) or early-stop "
+                                        "(MCTformer's --curve: stop at the first one not above the best)",
+                                 choices=THRESHOLD_PICKS)
+    mean_over: str = option("present", "mIoU/FP/FN over the classes present in ground truth or prediction, or "
+                                       "all classes of the data set, absent ones as 0 (the papers' code)",
+                            choices=MEAN_OVER)
 
     def out_uri(self) -> str:
         return self.out or storage.join(self.pred, "eval")
+
+    def __post_init__(self) -> None:
+        parse_threshold_grid(self.thresholds)  # a malformed grid fails at load, not after the join
 
 
 class Scorer:
@@ -100,7 +118,7 @@ def _stage(cfg: EvaluateConfig) -> batch_stage.BatchStage:
     if pred_classes != class_names:
         raise WsssError(f"{cfg.pred} holds predictions over classes {pred_classes}, but {cfg.data} has {class_names}: "
                         "the class ids would mean different things")
-    thresholds = (float(cfg.threshold),) if cfg.threshold is not None else DEFAULT_THRESHOLDS
+    thresholds = (float(cfg.threshold),) if cfg.threshold is not None else parse_threshold_grid(cfg.thresholds)
     pred_files = commit.file_splits(cfg.pred, cfg.kind, cfg.storage)
     splits = cfg.splits()
     names = sorted(n for n, s in pred_files.items() if splits is None or s in splits)
@@ -119,7 +137,8 @@ def _stage(cfg: EvaluateConfig) -> batch_stage.BatchStage:
         if images == 0:
             raise WsssError(f"no prediction of {cfg.pred} has a ground-truth mask in {cfg.data}"
                             + (f" (split {cfg.split})" if cfg.split else ""))
-        scores = total.best(class_names) if cfg.kind == "seeds" else {**total.scores(class_names), "threshold": None}
+        scores = (total.best(class_names, cfg.mean_over, cfg.threshold_pick) if cfg.kind == "seeds"
+                  else {**total.scores(class_names, cfg.mean_over), "threshold": None})
         return {"images": images, "without_ground_truth": without_gt,
                 **{k: scores.get(k) for k in ("miou", "threshold", "fp", "fn", "per_class", "curve") if k in scores}}
 

@@ -20,7 +20,9 @@ from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.methods import MapOptions, list_methods
 from ray_wsss.core.metrics import no_learning
-from ray_wsss.core.seeds.tta import TTAConfig
+from ray_wsss.core.models.vit import PARTIAL_PATCHES, POS_EMBED_RESAMPLERS
+from ray_wsss.core.seeds.acr_maps import LAYER_REDUCTIONS
+from ray_wsss.core.seeds.tta import RESIZES, TTAConfig
 from ray_wsss.harness import batch_stage, training
 from ray_wsss.harness.cluster import model_actor_args
 
@@ -39,9 +41,40 @@ class ExtractSeedsConfig(batch_stage.DataStageConfig):
     layers: int | None = option(None, "last layers whose maps are combined (default: 2 for ACR/baseline, 3 for MCTformer)", min=1)
     refine: bool = option(True, "refine with patch-to-patch attention (--no-refine: ACR*)")
     refine_layers: tuple[int, ...] | None = option(None, "blocks whose patch affinity refines (default: all)")
-    base_size: int | None = option(None, "resize the longer image side to this before scaling (default: native)", min=1)
+    layer_reduction: str | None = option(None, "how blocks combine in the maps, mean or sum (default: mean for "
+                                               "ACR/baseline, sum for MCTformer; the ACR authors' code sums)",
+                                         choices=LAYER_REDUCTIONS)
+    resize: str = option("aspect", "how a view is made: aspect (keep the aspect ratio; --base-size sets the longer "
+                                   "side), square (the ACR authors': squash to --base-size, float64 bilinear) or "
+                                   "pillow (the MCTformer authors': Pillow bicubic to round(side*scale))",
+                         choices=RESIZES)
+    base_size: int | None = option(None, "aspect: resize the longer image side to this before scaling (default: "
+                                         "native); square: the square's side (the training crop)", min=1)
+    align_corners: bool = option(False, "upsample the maps to the image with align_corners (the ACR authors: on)")
+    minmax_eps: float = option(0.0, "per-class normalisation (x-min)/(max-min+eps); the authors: ACR 1e-6, "
+                                    "MCTformer 1e-8; 0 = exact, a constant map -> 0", min=0)
+    partial_patches: str | None = option(None, "image sides that are not patch multiples: error, or drop the last "
+                                               "rows/columns as a patch conv does (needed by --resize pillow; "
+                                               "default: the checkpoint's)", choices=PARTIAL_PATCHES)
+    pos_embed_resampler: str | None = option(None, "MCTformer position-embedding resampling, timm or mctformer "
+                                                   "(default: the checkpoint's)", choices=POS_EMBED_RESAMPLERS)
     allow_untrained: bool = option(False, "extract seeds even when the checkpoint's held-out metrics show that the "
                                           "classifier learned nothing")
+
+    def __post_init__(self) -> None:
+        self.tta_config()  # a bad combination (e.g. square without base_size) fails at load, not in an actor
+
+    def tta_config(self) -> TTAConfig:
+        return TTAConfig(scales=tuple(self.scales), flip=self.flip, base_size=self.base_size, resize=self.resize,
+                         align_corners=self.align_corners, minmax_eps=self.minmax_eps)
+
+    def map_options(self) -> MapOptions:
+        return MapOptions(layers=self.layers, refine=self.refine, refine_layers=self.refine_layers,
+                          layer_reduction=self.layer_reduction)
+
+    def model_overrides(self) -> dict[str, Any]:
+        """How the trained model runs (checkpoints.load_classifier); None keeps the checkpoint's."""
+        return {"partial_patches": self.partial_patches, "pos_embed_resampler": self.pos_embed_resampler}
 
 
 class SeedExtractor:
@@ -51,9 +84,10 @@ class SeedExtractor:
 
     def __init__(self, cfg: ExtractSeedsConfig, checkpoint_uri: str):
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        self.model, self.method, _ = checkpoints.load_classifier(checkpoint_uri, cfg.storage, self.device)
-        self.map_options = MapOptions(layers=cfg.layers, refine=cfg.refine, refine_layers=cfg.refine_layers)
-        self.tta = TTAConfig(scales=tuple(cfg.scales), flip=cfg.flip, base_size=cfg.base_size)
+        self.model, self.method, _ = checkpoints.load_classifier(checkpoint_uri, cfg.storage, self.device,
+                                                                 cfg.model_overrides())
+        self.map_options = cfg.map_options()
+        self.tta = cfg.tta_config()
 
     def process(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         decoded, failures = [], []

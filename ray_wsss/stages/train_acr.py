@@ -27,8 +27,8 @@ from ray_wsss.core.config import option
 from ray_wsss.core.data.augment import ClassifierTransform
 from ray_wsss.core.methods import Method, get_method, list_methods
 from ray_wsss.core.methods.acr import ACRLossConfig
-from ray_wsss.core.methods.views import View, random_view
-from ray_wsss.core.models.vit import ViTConfig
+from ray_wsss.core.methods.views import VIEW_SETS, View, draw_view
+from ray_wsss.core.models.vit import POS_EMBED_RESAMPLERS, ViTConfig
 from ray_wsss.core.optim import OPTIMIZERS, poly_schedule
 from ray_wsss.harness import training
 
@@ -51,7 +51,14 @@ class TrainClassifierConfig(training.TrainingConfig):
                                        "random init; 0 for baseline/mct)", min=0)
     beta: float | None = option(None, "weight of Laff (default: as --alpha)", min=0)
     acr_layers: tuple[int, ...] | None = option(None, "blocks whose attention the ACR losses use (default: all)")
-    view_scales: tuple[float, ...] = option((1.0, 1.25), "resize factors a second view may use", gt=0)
+    view_set: str = option("random", "ACR's second view: random (flips, quarter turns, --view-scales) or hflip "
+                           "(always the horizontal flip, the authors' code)", choices=VIEW_SETS)
+    view_scales: tuple[float, ...] = option((1.0, 1.25), "resize factors a random second view may use", gt=0)
+    pre_norm_head: bool = option(False, "classifier head on the last block's class token BEFORE the final "
+                                        "LayerNorm (the ACR authors' head); off: timm's head after the norm")
+    pos_embed_resampler: str = option("timm", "MCTformer position-embedding resampling to the input grid: timm "
+                                              "(antialiased bicubic) or mctformer (the authors' bicubic at "
+                                              "(g+0.1)/g0)", choices=POS_EMBED_RESAMPLERS)
     optimizer: str = option("adamw", "optimizer (timm's create_optimizer_v2: no weight decay on norms, biases, "
                                      "position embedding and class tokens)", choices=OPTIMIZERS)
     lr: float = option(5e-4, "base learning rate (poly decay)", gt=0)
@@ -62,7 +69,8 @@ class TrainClassifierConfig(training.TrainingConfig):
     def vit_config(self) -> ViTConfig:
         return ViTConfig(model_name=self.model, img_size=self.img_size, patch_size=self.patch_size,
                          depth=self.depth, embed_dim=self.embed_dim, num_heads=self.num_heads,
-                         weights=self.weights)
+                         weights=self.weights, pre_norm_head=self.pre_norm_head,
+                         pos_embed_resampler=self.pos_embed_resampler)
 
     def consistency_weights(self) -> tuple[float, float]:
         weight = get_method(self.method).default_consistency(pretrained=bool(self.weights))
@@ -119,7 +127,7 @@ class ClassifierTask:
         self.step_module.train()
 
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        view = random_view(self.view_rng, scales=self.cfg.view_scales) if self.two_views else None
+        view = draw_view(self.cfg.view_set, self.view_rng, self.cfg.view_scales) if self.two_views else None
         return self.step_module(batch["image"], batch["labels"], view)
 
     def validate(self, rows: Iterator[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:

@@ -25,12 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ray.data.expressions import col
 
-from ray_wsss.core import checkpoints, codec, commit, storage
+from ray_wsss.core import checkpoints, codec, commit, storage, weights
 from ray_wsss.core.config import option
 from ray_wsss.core.data.seg_augment import SegmentationTransform
 from ray_wsss.core.inference import normalize_image, predict_probs
 from ray_wsss.core.metrics import ConfusionMatrix
-from ray_wsss.core.models.deeplab import BACKBONES, DeepLabConfig, DeepLabV2, create_deeplab
+from ray_wsss.core.models.deeplab import BACKBONES, DeepLabConfig, DeepLabV2
 from ray_wsss.core.optim import build_optimizer, poly_schedule
 from ray_wsss.core.schema import IGNORE_INDEX
 from ray_wsss.core.storage import StorageOptions
@@ -113,7 +113,7 @@ class SegmenterTask:
     def __init__(self, cfg: TrainDeepLabConfig, config: dict[str, Any], device: torch.device):
         ctx = ray.train.get_context()
         self.cfg, self.class_names = cfg, config["class_names"]
-        self.model = create_deeplab(cfg.deeplab_config(), len(self.class_names), cfg.storage)
+        self.model = weights.build_deeplab(cfg.deeplab_config(), len(self.class_names), cfg.storage)
         self.freeze = cfg.frozen_bn()
         if self.freeze:
             freeze_batchnorm(self.model.backbone)

@@ -5,9 +5,10 @@ class-to-patch attention of view 1 and f⁻¹ of view 2's, and Laff the same for
 patch-to-patch attention. Attention is head-averaged; Lact and Laff are averaged over the
 selected layers (all by default, as the authors' code uses all layers).
 
-With P prefix tokens the class-to-patch part is rows ``[:P, P:]`` (for a cls-token ViT, P=1,
-that is A[0, 1:]); a multi-class-token model (MCTformer, P = C class tokens) thus regularises
-every class token's row, and a distilled DeiT (cls + dist tokens) both rows.
+With K class tokens and P prefix tokens the class-to-patch part is rows ``[:K, P:]`` (for a
+cls-token ViT, K = P = 1, that is A[0, 1:]); a multi-class-token model (MCTformer, K = P = C)
+thus regularises every class token's row, a distilled DeiT (cls + dist tokens) both rows, and a
+ViT with registers (P = K + registers) its class token's row only.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from torch import Tensor
 
 from ray_wsss.core.methods.registry import MapOptions, Method, register_method
 from ray_wsss.core.methods.views import View
-from ray_wsss.core.models.vit import ClassifierOutput, create_classifier
+from ray_wsss.core.models.vit import ClassifierOutput
 from ray_wsss.core.seeds.acr_maps import ACRMapConfig, class_maps
+from ray_wsss.core.weights import build_classifier
 
 
 @dataclasses.dataclass
@@ -65,12 +67,12 @@ def acr_losses(out1: ClassifierOutput, out2: ClassifierOutput, view: View, label
         raise ValueError(f"views have {len(out1.attentions)} and {len(out2.attentions)} attention maps")
     if out2.grid != view.output_grid(out1.grid):
         raise ValueError(f"view 2 grid {out2.grid} is not {view} of view 1 grid {out1.grid}")
-    prefix = out1.num_prefix_tokens
+    prefix, class_tokens = out1.num_prefix_tokens, out1.num_class_tokens
     act_terms, aff_terms = [], []
     for layer in _selected_layers(len(out1.attentions), cfg.layers):
         attn1, attn2 = head_mean(out1.attentions[layer]), head_mean(out2.attentions[layer])
-        act_terms.append(F.l1_loss(attn1[:, :prefix, prefix:],
-                                   view.invert_cls_row(attn2[:, :prefix, prefix:], out1.grid)))
+        act_terms.append(F.l1_loss(attn1[:, :class_tokens, prefix:],
+                                   view.invert_cls_row(attn2[:, :class_tokens, prefix:], out1.grid)))
         aff_terms.append(F.l1_loss(attn1[:, prefix:, prefix:],
                                    view.invert_patch_block(attn2[:, prefix:, prefix:], out1.grid)))
     cls = classification_loss(out1.logits, labels) + classification_loss(out2.logits, labels)
@@ -88,7 +90,8 @@ def baseline_losses(out: ClassifierOutput, labels: Tensor) -> dict[str, Tensor]:
 def vit_class_maps(model: nn.Module, images: Tensor, classes: Sequence[Sequence[int]],
                    options: MapOptions) -> list[Tensor]:
     """ACR's seeds (Eq. 7-8): gradient maps of the last 2 blocks (by default), refined by patch affinity."""
-    cfg = ACRMapConfig(grad_layers=options.layers or 2, refine=options.refine, refine_layers=options.refine_layers)
+    cfg = ACRMapConfig(grad_layers=options.layers or 2, refine=options.refine, refine_layers=options.refine_layers,
+                       layer_reduction=options.layer_reduction or "mean")
     return class_maps(model, images, classes, cfg)
 
 
@@ -98,9 +101,9 @@ def vit_class_maps(model: nn.Module, images: Tensor, classes: Sequence[Sequence[
 # 25 too; at 1 it learns. So a run without weights defaults to the from-scratch weight.
 register_method(Method(
     name="acr", description="ViT on two views: Lcls + α·Lact + β·Laff (ACR, ICCV'23 workshop)",
-    build_model=create_classifier, losses=baseline_losses, two_view_losses=acr_losses,
+    build_model=build_classifier, losses=baseline_losses, two_view_losses=acr_losses,
     class_maps=vit_class_maps, pretrained_weight=125.0, from_scratch_weight=1.0))
 register_method(Method(
     name="baseline", description="the same ViT trained on Lcls alone (the ablation)",
-    build_model=create_classifier, losses=baseline_losses, two_view_losses=acr_losses,
+    build_model=build_classifier, losses=baseline_losses, two_view_losses=acr_losses,
     class_maps=vit_class_maps))

@@ -16,9 +16,9 @@ from torch import Tensor
 from ray_wsss.core.methods.acr import ACRLossConfig, acr_losses, classification_loss
 from ray_wsss.core.methods.registry import MapOptions, Method, register_method
 from ray_wsss.core.methods.views import View
-from ray_wsss.core.models.mctformer import create_mctformer
 from ray_wsss.core.models.vit import ClassifierOutput
 from ray_wsss.core.seeds.mct_maps import MCTMapConfig, mct_class_maps
+from ray_wsss.core.weights import build_mctformer
 
 
 def _patchcam_loss(out: ClassifierOutput, labels: Tensor) -> Tensor | None:
@@ -57,12 +57,13 @@ def attention_class_maps(model: nn.Module, images: Tensor, classes: Sequence[Seq
     if options.refine_layers is not None:
         raise ValueError("MCTformer refines with the patch affinity of all blocks, as its authors do; "
                          f"refine_layers={options.refine_layers} applies to ACR/baseline seeds only")
-    return mct_class_maps(model, images, classes, MCTMapConfig(last_layers=options.layers or 3, refine=options.refine))
+    return mct_class_maps(model, images, classes, MCTMapConfig(last_layers=options.layers or 3, refine=options.refine,
+                                                               layer_reduction=options.layer_reduction or "sum"))
 
 
 for _version in ("v1", "v2"):
     register_method(Method(
         name=f"mct-{_version}",
         description=f"MCTformer-{_version.upper()}: one class token per class" + (" + PatchCAM" if _version == "v2" else ""),
-        build_model=partial(create_mctformer, version=_version), losses=mct_losses, two_view_losses=mct_acr_losses,
+        build_model=partial(build_mctformer, version=_version), losses=mct_losses, two_view_losses=mct_acr_losses,
         class_maps=attention_class_maps))

@@ -30,6 +30,9 @@ class MapOptions:
     layers: int | None = None                    # last blocks whose maps are combined; None = the method's
     refine: bool = True                          # patch-affinity refinement
     refine_layers: tuple[int, ...] | None = None  # blocks whose patch affinity refines; None = all
+    # How those blocks combine: "mean" or "sum"; None = the method's (ACR/baseline: mean, as the paper's
+    # Eq. 7-8; MCTformer: sum, as its code). The authors' ACR code sums: a scale of the raw maps only.
+    layer_reduction: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -121,6 +121,19 @@ class View:
         return block.index_select(-1, inverse).index_select(-2, inverse)
 
 
+VIEW_SETS = ("random", "hflip")
+
+
+def draw_view(view_set: str, generator: torch.Generator, scales: tuple[float, ...] = (1.0,)) -> View:
+    """ACR's second view from ``view_set``: "random" (:func:`random_view` over flips, quarter turns and
+    ``scales``) or "hflip" (always the horizontal flip, as the authors' training code; ``scales`` unused)."""
+    if view_set == "hflip":
+        return View(hflip=True)
+    if view_set == "random":
+        return random_view(generator, scales=scales)
+    raise ValueError(f"unknown view set {view_set!r}; choose one of {VIEW_SETS}")
+
+
 def random_view(generator: torch.Generator, flips: bool = True, rotations: bool = True,
                 scales: tuple[float, ...] = (1.0,)) -> View:
     """Draw a view: each flip with p=0.5, a uniform quarter turn, a uniform scale from ``scales``.

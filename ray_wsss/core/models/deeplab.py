@@ -8,14 +8,12 @@ size, and the ASPP convs pad by their dilation, so they keep it too.
 from __future__ import annotations
 
 import dataclasses
-import io
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torchvision
 
-from ray_wsss.core import storage
 from ray_wsss.core.errors import WsssError
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -27,7 +25,7 @@ HEAD_LR_MULT = 10.0
 @dataclasses.dataclass
 class DeepLabConfig:
     backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet101 (the paper uses 101)
-    backbone_weights: str | None = None  # local path or s3:// URI of a torchvision ResNet state dict
+    backbone_weights: str | None = None  # local path or s3:// URI (read by ray_wsss.core.weights), torchvision keys
 
 
 def output_size(height: int, width: int) -> tuple[int, int]:
@@ -92,8 +90,7 @@ class ASPP(nn.Module):
 class DeepLabV2(nn.Module):
     """ResNet with output stride 8 + summed ASPP. ``forward`` gives logits at ``output_size``."""
 
-    def __init__(self, cfg: DeepLabConfig, num_classes: int,
-                 storage_options: storage.StorageOptions | None = None):
+    def __init__(self, cfg: DeepLabConfig, num_classes: int):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -101,8 +98,6 @@ class DeepLabV2(nn.Module):
         self.num_classes = num_classes
         self.backbone = _build_resnet(cfg.backbone)
         self.head = ASPP(self.backbone.layer4[-1].expansion * 512, num_classes)
-        if cfg.backbone_weights:
-            load_backbone_weights(self.backbone, cfg.backbone_weights, storage_options)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         b = self.backbone
@@ -127,31 +122,19 @@ class DeepLabV2(nn.Module):
         ]
 
 
-def load_backbone_weights(backbone: nn.Module, uri: str,
-                          storage_options: storage.StorageOptions | None = None) -> None:
-    """Load a torchvision ResNet state dict (``fc.*`` ignored) from a local path or s3:// URI.
+def load_backbone_state_dict(backbone: nn.Module, state_dict: dict[str, torch.Tensor],
+                             source: str = "state dict") -> None:
+    """Load a torchvision ResNet state dict (``ray_wsss.core.weights`` maps other layouts to it) strictly.
 
     Dilation does not change weight shapes, so ImageNet ResNet weights load as they are.
     """
-    try:
-        data = storage.read_bytes(uri, storage_options)
-    except WsssError as err:
-        raise WsssError(f"cannot load DeepLab backbone weights from {uri}: {err}") from err
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WsssError(f"backbone weights {uri} are not a readable torch file: {err}") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise WsssError(f"backbone weights {uri} hold a {type(state).__name__}, not a state dict")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
     expected = set(backbone.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise WsssError(
-            f"backbone weights {uri} do not fit a torchvision ResNet of this depth: "
+            f"backbone weights {source} do not fit a torchvision ResNet of this depth: "
             f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''} ({len(missing)}), "
             f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} "
             f"({len(unexpected)})"
@@ -159,9 +142,20 @@ def load_backbone_weights(backbone: nn.Module, uri: str,
     try:
         backbone.load_state_dict(state)
     except RuntimeError as err:  # shape mismatch
-        raise WsssError(f"backbone weights {uri} do not fit the backbone: {err}") from err
+        raise WsssError(f"backbone weights {source} do not fit the backbone: {err}") from err
 
 
-def create_deeplab(cfg: DeepLabConfig, num_classes: int,
-                   storage_options: storage.StorageOptions | None = None) -> DeepLabV2:
-    return DeepLabV2(cfg, num_classes, storage_options)
+def create_deeplab(cfg: DeepLabConfig, num_classes: int, backbone_state_dict: dict[str, torch.Tensor] | None = None,
+                   source: str = "state dict") -> DeepLabV2:
+    """DeepLab-V2, its backbone loaded from ``backbone_state_dict`` (torchvision ResNet keys) when given.
+
+    ``cfg.backbone_weights`` is read by ``ray_wsss.core.weights.build_deeplab``; naming a file here
+    without its state dict is an error rather than a silently random backbone.
+    """
+    if cfg.backbone_weights and backbone_state_dict is None:
+        raise WsssError(f"DeepLabConfig.backbone_weights={cfg.backbone_weights!r} but no state dict: build with "
+                        "ray_wsss.core.weights.build_deeplab, which reads it")
+    model = DeepLabV2(cfg, num_classes)
+    if backbone_state_dict is not None:
+        load_backbone_state_dict(model.backbone, backbone_state_dict, source)
+    return model

@@ -13,6 +13,17 @@ without the LayerNorm), whose global average pool gives a second set of class sc
 ``patch_embed.*``, ``blocks.*``, ``norm.*`` and, for V2, ``head.weight`` [C, D, 3, 3] and
 ``head.bias`` [C]. Attention probabilities are captured with vit.py's mechanism (the timm model is
 built and hooked by :class:`~ray_wsss.core.models.vit.AttentionViT`, whose parts we take over).
+
+Position embeddings follow ``ViTConfig.pos_embed_resampler``: ``"timm"`` resamples the patch part
+to the input grid with timm's antialiased bicubic; ``"mctformer"`` is the authors' rule: unchanged
+when the grid has the base grid's token count AND the input is square in pixels, otherwise bicubic
+(no antialias) at ``scale_factor=((gh + 0.1) / g0h, (gw + 0.1) / g0w)``, whose output floors to
+(gh, gw) while the sampling positions follow the factor. So their 224 x 230 input (a 14 x 14 grid)
+is still resampled, by 14.1 / 14. With ``partial_patches="drop"`` the last H mod p rows and W mod p
+columns are ignored, as the authors' patch conv does.
+
+The model never reads files: :func:`create_mctformer` takes a state dict in the authors' layout or
+a single-class-token timm one (``ray_wsss.core.weights`` reads and recognises files).
 """
 from __future__ import annotations
 
@@ -22,11 +33,11 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
-from ray_wsss.core import storage
 from ray_wsss.core.errors import WsssError
-from ray_wsss.core.models.vit import AttentionViT, ClassifierOutput, ViTConfig, _read_state_dict, load_weights
+from ray_wsss.core.models.vit import AttentionViT, ClassifierOutput, ViTConfig, crop_to_tokens, load_pretrained
 
 _logger = logging.getLogger(__name__)
 
@@ -62,7 +73,7 @@ class MCTformer(nn.Module):
         self.num_prefix_tokens = num_classes
         repeat_backbone_token = backbone is not None
         if backbone is None:
-            backbone = AttentionViT(dataclasses.replace(cfg, weights=None), num_classes=0)
+            backbone = AttentionViT(backbone_config(cfg), num_classes=0)
         vit = backbone.vit
         _check_backbone(vit, cfg.model_name)
         self.patch_size: tuple[int, int] = backbone.patch_size
@@ -87,22 +98,41 @@ class MCTformer(nn.Module):
         """Class tokens and position embeddings take no weight decay (the DeiT/timm parameter groups)."""
         return {"cls_token", "pos_embed"}
 
-    def resampled_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
-        """[1, C + gh*gw, D]: the patch part resampled to ``grid``, the class part untouched."""
+    def resampled_pos_embed(self, grid: tuple[int, int], pixels: tuple[int, int] | None = None) -> torch.Tensor:
+        """[1, C + gh*gw, D]: the patch part resampled to ``grid``, the class part untouched.
+
+        ``pixels``: the input's (H, W) before any partial patch is dropped (the authors' rule looks at
+        it); None = the grid's own pixels.
+        """
+        if self.cfg.pos_embed_resampler == "mctformer":
+            if pixels is None:
+                pixels = (grid[0] * self.patch_size[0], grid[1] * self.patch_size[1])
+            return self._authors_pos_embed(grid, pixels)
         return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.base_grid),
                                       num_prefix_tokens=self.num_classes)
 
+    def _authors_pos_embed(self, grid: tuple[int, int], pixels: tuple[int, int]) -> torch.Tensor:
+        """The MCTformer authors' resampling (module docstring), computed as their code does."""
+        base_h, base_w = self.base_grid
+        if grid[0] * grid[1] == base_h * base_w and pixels[0] == pixels[1]:
+            return self.pos_embed
+        prefix, patches = self.pos_embed[:, :self.num_classes], self.pos_embed[:, self.num_classes:]
+        dim = patches.shape[-1]
+        patches = patches.reshape(1, base_h, base_w, dim).permute(0, 3, 1, 2)
+        # + 0.1: their guard against float error; the output size floors to the grid
+        patches = F.interpolate(patches, scale_factor=((grid[0] + 0.1) / base_h, (grid[1] + 0.1) / base_w),
+                                mode="bicubic", align_corners=False)
+        if tuple(patches.shape[-2:]) != tuple(grid):
+            raise RuntimeError(f"position embeddings resampled to {tuple(patches.shape[-2:])}, not the grid {grid}")
+        return torch.cat([prefix, patches.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
     def forward(self, x: torch.Tensor) -> MCTOutput:
-        if x.ndim != 4:
-            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
-        (height, width), (ph, pw) = x.shape[-2:], self.patch_size
-        if height % ph or width % pw:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw}")
-        grid = (height // ph, width // pw)
+        pixels = tuple(x.shape[-2:]) if x.ndim == 4 else None
+        x, grid = crop_to_tokens(x, self.patch_size, self.cfg.partial_patches)
         tokens = self.patch_embed(x)
         if tokens.ndim == 4:  # dynamic-size timm patch embeds are NHWC
             tokens = tokens.flatten(1, 2)
-        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.resampled_pos_embed(grid)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.resampled_pos_embed(grid, pixels)
         tokens = self.norm_pre(self.patch_drop(self.pos_drop(tokens)))
         self._recorder.maps = []
         try:
@@ -131,29 +161,36 @@ def _check_backbone(vit: nn.Module, model_name: str) -> None:
         raise WsssError(f"{model_name} has parameters outside the MCTformer layout: {extra[:5]}")
 
 
-def create_mctformer(cfg: ViTConfig, num_classes: int, version: str,
-                     storage_options: storage.StorageOptions | None = None) -> MCTformer:
-    """Build MCTformer-``version`` and load ``cfg.weights`` when set.
+def backbone_config(cfg: ViTConfig) -> ViTConfig:
+    """The single-class-token ViT an MCTformer is assembled from (its own resampler and head rules apply)."""
+    return dataclasses.replace(cfg, weights=None, pos_embed_resampler="timm", pre_norm_head=False)
 
-    ``cfg.weights`` may be a single-class-token timm/DeiT state dict (its class token and class
-    positional embedding are repeated per class; V2's PatchCAM starts random), an MCTformer
-    checkpoint of the authors (``{"model": sd}`` or bare) or a checkpoint of this project.
+
+def create_mctformer(cfg: ViTConfig, num_classes: int, version: str, state_dict: dict[str, torch.Tensor] | None = None,
+                     source: str = "state dict") -> MCTformer:
+    """Build MCTformer-``version``, loading ``state_dict`` when given (``source`` names it in errors).
+
+    ``state_dict`` is either the authors' MCTformer layout (C class tokens; their ``{"model": sd}`` is
+    unwrapped by the reader) or a single-class-token timm/DeiT one, whose class token and class
+    positional embedding are repeated per class (V2's PatchCAM starts random).
     """
-    if not cfg.weights:
+    if state_dict is None:
+        if cfg.weights:
+            raise WsssError(f"ViTConfig.weights={cfg.weights!r} but no state dict: build with "
+                            "ray_wsss.core.weights.build_mctformer, which reads it")
         return MCTformer(cfg, num_classes, version)
-    state_dict = _read_state_dict(cfg.weights, storage_options)
     if "cls_token" not in state_dict or "pos_embed" not in state_dict:
-        raise WsssError(f"weights {cfg.weights} have no cls_token/pos_embed: not a ViT or MCTformer state dict")
+        raise WsssError(f"weights {source} have no cls_token/pos_embed: not a ViT or MCTformer state dict")
     tokens = state_dict["cls_token"].shape[1]
     if tokens == 1 and num_classes > 1:
-        backbone = AttentionViT(cfg, num_classes=0)
+        backbone = AttentionViT(backbone_config(cfg), num_classes=0)
         # vit.py's loader: patch-embed and position-embedding resampling, clear errors.
-        load_weights(backbone, cfg.weights, storage_options)
+        load_pretrained(backbone, state_dict, source)
         return MCTformer(cfg, num_classes, version, backbone=backbone)
     if tokens != num_classes:
-        raise WsssError(f"weights {cfg.weights} have {tokens} class tokens but the model has {num_classes} classes")
+        raise WsssError(f"weights {source} have {tokens} class tokens but the model has {num_classes} classes")
     model = MCTformer(cfg, num_classes, version)
-    load_mct_state_dict(model, state_dict, source=cfg.weights)
+    load_mct_state_dict(model, state_dict, source=source)
     return model
 
 

@@ -1,7 +1,9 @@
 """A timm ViT classifier that exposes every block's attention probabilities.
 
-The ViT comes from ``timm.create_model`` (never from a hub). Each block's post-softmax attention
-``[B, heads, N, N]`` is captured as a node of the autograd graph, so attention losses (ACR) and
+The ViT comes from ``timm.create_model`` (never from a hub): plain ViTs, DeiT (distilled too: two
+prefix tokens), ViTs with register tokens and hybrids (a conv stem before the patch embedding, e.g.
+the ACR paper's ``vit_base_r50_s16_384``). Each block's post-softmax attention ``[B, heads, N, N]``
+is captured as a node of the autograd graph, so attention losses (ACR) and
 ``torch.autograd.grad`` (gradient-weighted attention maps) can use it.
 
 How the attention is captured: timm's ``Attention.forward`` computes, when ``fused_attn`` is off,
@@ -10,39 +12,57 @@ off per module and register a forward *pre*-hook on ``attn_drop``: its input is 
 post-softmax probabilities, the very tensor the rest of the block consumes. This needs no copy of
 timm's attention code, so it keeps working as timm evolves; a forward that captures a different
 number of maps than there are blocks (a timm change, an unsupported attention class) fails loudly.
+
+The model never reads files: :func:`load_pretrained` takes a state dict in timm's keys, which
+``ray_wsss.core.weights`` reads and maps from the layouts it knows (timm/DeiT, ACR, this project).
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 from typing import Any
 
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import HybridEmbed
+from timm.models import vision_transformer_hybrid
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from ray_wsss.core import storage
 from ray_wsss.core.errors import WsssError
 
 _logger = logging.getLogger(__name__)
 
-HEAD_KEYS = ("head.weight", "head.bias")
-# Prefixes a state dict may carry: ``vit.`` from AttentionViT.state_dict(), ``module.`` from DDP.
-_KEY_PREFIXES = ("module.", "vit.")
+PARTIAL_PATCHES = ("error", "drop")
+POS_EMBED_RESAMPLERS = ("timm", "mctformer")
+# Classifier heads: a checkpoint's of another shape (other classes) is dropped, not an error.
+HEAD_PREFIXES = ("head.", "head_dist.")
 
 
 @dataclasses.dataclass
 class ViTConfig:
-    model_name: str = "vit_tiny_patch16_224"  # any timm ViT/DeiT name
+    model_name: str = "vit_tiny_patch16_224"  # any timm ViT/DeiT (distilled too), register or hybrid ViT
     img_size: int = 96
-    patch_size: int = 16
+    patch_size: int = 16  # pixels per token side; a hybrid's = its conv stem's reduction x its feature-map patch
     depth: int | None = None       # None = the named model's depth
     embed_dim: int | None = None   # None = the named model's
     num_heads: int | None = None
     drop_path_rate: float = 0.0
-    weights: str | None = None     # local path or s3:// URI; None = random init (the demo default)
+    weights: str | None = None     # local path or s3:// URI (read by ray_wsss.core.weights); None = random init
+    # The classifier head reads the last block's class token BEFORE the final LayerNorm (the ACR authors'
+    # head; the norm is computed and discarded, its parameters kept for the layout). False = timm's head.
+    pre_norm_head: bool = False
+    # An input side that is not a multiple of the patch: "error", or "drop" its last H mod p rows and
+    # W mod p columns, as a stride-p patch conv does (the MCTformer authors' inference on native sizes).
+    partial_patches: str = "error"
+    # MCTformer's position-embedding resampling to the input grid: "timm" (antialiased bicubic to the grid)
+    # or "mctformer" (the authors' bicubic at scale ((gh + 0.1) / g0, (gw + 0.1) / g0), see mctformer.py).
+    pos_embed_resampler: str = "timm"
+
+    def __post_init__(self) -> None:
+        for name, choices in (("partial_patches", PARTIAL_PATCHES), ("pos_embed_resampler", POS_EMBED_RESAMPLERS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"ViTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass
@@ -51,6 +71,12 @@ class ClassifierOutput:
     attentions: list[torch.Tensor]    # one per block, post-softmax [B, heads, N, N], in the graph
     grid: tuple[int, int]             # patch grid (gh, gw) of this input
     num_prefix_tokens: int            # tokens before the patch tokens (1 for a cls-token ViT)
+    num_register_tokens: int = 0      # of those, the registers (timm puts them after the class tokens)
+
+    @property
+    def num_class_tokens(self) -> int:
+        """Leading tokens that are class tokens: cls (1), DeiT's cls + dist (2), MCTformer's C."""
+        return self.num_prefix_tokens - self.num_register_tokens
 
 
 class _AttentionRecorder:
@@ -70,28 +96,22 @@ class _AttentionRecorder:
 class AttentionViT(nn.Module):
     """timm ViT classifier (class-token logits) returning per-block attention maps.
 
-    ``state_dict()`` keys are timm's keys prefixed by ``vit.``; :func:`load_weights` accepts both.
+    ``state_dict()`` keys are timm's keys prefixed by ``vit.``. ``patch_size`` is the token stride in
+    pixels (a hybrid's conv stem included).
     """
 
     def __init__(self, cfg: ViTConfig, num_classes: int):
         super().__init__()
+        if cfg.pos_embed_resampler != "timm":
+            raise WsssError(f"pos_embed_resampler={cfg.pos_embed_resampler!r} is MCTformer's; "
+                            "a single-class-token ViT resamples with timm's")
         self.cfg = cfg
-        optional = {"depth": cfg.depth, "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads}
-        self.vit = timm.create_model(
-            cfg.model_name,
-            pretrained=False,
-            num_classes=num_classes,
-            img_size=cfg.img_size,
-            patch_size=cfg.patch_size,
-            dynamic_img_size=True,  # pos-embed interpolated per forward: any size, non-square too
-            global_pool="token",
-            drop_path_rate=cfg.drop_path_rate,
-            **{k: v for k, v in optional.items() if v is not None},
-        )
+        self.vit = _create_timm_vit(cfg, num_classes)
         if getattr(self.vit, "cls_token", None) is None or not hasattr(self.vit, "blocks"):
             raise WsssError(f"{cfg.model_name} is not a class-token ViT; AttentionViT needs one")
         self.num_prefix_tokens: int = int(self.vit.num_prefix_tokens)
-        self.patch_size: tuple[int, int] = tuple(self.vit.patch_embed.patch_size)
+        self.num_register_tokens: int = int(getattr(self.vit, "num_reg_tokens", 0) or 0)
+        self.patch_size: tuple[int, int] = tuple(self.vit.patch_embed.feat_ratio(as_scalar=False))
         self._recorder = _AttentionRecorder()
         for index, block in enumerate(self.vit.blocks):
             attn = getattr(block, "attn", None)
@@ -101,17 +121,18 @@ class AttentionViT(nn.Module):
                     "expose attn_drop/fused_attn, so its attention probabilities cannot be captured")
             attn.fused_attn = False  # the fused kernel never materialises the probabilities
             attn.attn_drop.register_forward_pre_hook(self._recorder.hook)
+        if cfg.pre_norm_head:
+            # The head gets the norm's input; the frozen norm stays for the state-dict layout (and DDP
+            # then sees no trainable parameter without a gradient).
+            self.vit.norm.register_forward_hook(_skip_module)
+            self.vit.norm.requires_grad_(False)
 
     def no_weight_decay(self) -> set[str]:
         """timm's exclusions (position embedding, prefix tokens) under our ``vit.`` prefix, for its optimiser groups."""
         return {f"vit.{name}" for name in self.vit.no_weight_decay()}
 
     def forward(self, x: torch.Tensor) -> ClassifierOutput:
-        if x.ndim != 4:
-            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
-        (height, width), (ph, pw) = x.shape[-2:], self.patch_size
-        if height % ph or width % pw:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw}")
+        x, grid = crop_to_tokens(x, self.patch_size, self.cfg.partial_patches)
         self._recorder.maps = []
         try:
             logits = self.vit(x)
@@ -122,66 +143,109 @@ class AttentionViT(nn.Module):
             raise RuntimeError(
                 f"captured {len(attentions)} attention maps for {len(self.vit.blocks)} blocks; "
                 "the installed timm's Attention no longer routes probabilities through attn_drop")
-        return ClassifierOutput(logits=logits, attentions=attentions, grid=(height // ph, width // pw),
-                                num_prefix_tokens=self.num_prefix_tokens)
+        return ClassifierOutput(logits=logits, attentions=attentions, grid=grid,
+                                num_prefix_tokens=self.num_prefix_tokens, num_register_tokens=self.num_register_tokens)
 
 
-def create_classifier(cfg: ViTConfig, num_classes: int,
-                      storage_options: storage.StorageOptions | None = None) -> AttentionViT:
-    """Build the classifier and load ``cfg.weights`` when set."""
+def _skip_module(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    """Forward hook making a module the identity (its output is computed and discarded)."""
+    return args[0]
+
+
+def crop_to_tokens(x: torch.Tensor, patch_size: tuple[int, int],
+                   partial_patches: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Images [B, C, H, W] -> (the part the tokens cover, its grid (gh, gw)), per ``partial_patches``."""
+    if x.ndim != 4:
+        raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+    (height, width), (ph, pw) = x.shape[-2:], patch_size
+    if height < ph or width < pw:
+        raise ValueError(f"image size {height}x{width} is smaller than one patch {ph}x{pw}")
+    if height % ph or width % pw:
+        if partial_patches != "drop":
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw} "
+                             "(partial_patches='drop' would ignore the last rows/columns)")
+        x = x[..., :height - height % ph, :width - width % pw]
+    return x, (height // ph, width // pw)
+
+
+def _create_timm_vit(cfg: ViTConfig, num_classes: int) -> nn.Module:
+    """The timm model whose tokens are ``cfg.patch_size`` pixels apart.
+
+    timm's ``patch_size`` of a hybrid is the patch on its conv stem's feature map, so for a hybrid it
+    is the stride divided by the stem's reduction, which a build with patch 1 reveals (timm's own
+    default for ``vit_base_r50_s16_384``, so the paper's model is built once).
+    """
+    optional = {"depth": cfg.depth, "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads}
+    kwargs = dict(pretrained=False, num_classes=num_classes, img_size=cfg.img_size,
+                  dynamic_img_size=True,  # pos-embed interpolated per forward: any size, non-square too
+                  global_pool="token", drop_path_rate=cfg.drop_path_rate,
+                  **{k: v for k, v in optional.items() if v is not None})
+    stride = cfg.patch_size
+    if not _is_hybrid(cfg.model_name):
+        return _checked_stride(timm.create_model(cfg.model_name, patch_size=stride, **kwargs), cfg)
+    vit = timm.create_model(cfg.model_name, patch_size=1, **kwargs)
+    reduction = tuple(vit.patch_embed.feature_ratio)
+    if any(stride % r for r in reduction) or cfg.img_size % stride:
+        raise WsssError(f"{cfg.model_name}: patch size {stride} must be a multiple of its conv stem's reduction "
+                        f"{reduction} and divide img_size {cfg.img_size}")
+    if reduction != (stride, stride):
+        vit = timm.create_model(cfg.model_name, patch_size=(stride // reduction[0], stride // reduction[1]), **kwargs)
+    return _checked_stride(vit, cfg)
+
+
+def _is_hybrid(model_name: str) -> bool:
+    return timm.models.model_entrypoint(model_name).__module__ == vision_transformer_hybrid.__name__
+
+
+def _checked_stride(vit: nn.Module, cfg: ViTConfig) -> nn.Module:
+    stride = tuple(vit.patch_embed.feat_ratio(as_scalar=False))
+    if stride != (cfg.patch_size, cfg.patch_size):
+        kind = "hybrid " if isinstance(vit.patch_embed, HybridEmbed) else ""
+        raise WsssError(f"{cfg.model_name}: the {kind}patch embedding has stride {stride}, not the requested "
+                        f"patch size {cfg.patch_size}")
+    return vit
+
+
+def create_classifier(cfg: ViTConfig, num_classes: int, state_dict: dict[str, torch.Tensor] | None = None,
+                      source: str = "state dict") -> AttentionViT:
+    """Build the classifier, loading ``state_dict`` (timm keys) when given; ``source`` names it in errors.
+
+    ``cfg.weights`` is a file for ``ray_wsss.core.weights.build_classifier`` to read; naming one here
+    without its state dict is an error rather than a silently random model.
+    """
+    if cfg.weights and state_dict is None:
+        raise WsssError(f"ViTConfig.weights={cfg.weights!r} but no state dict: build with "
+                        "ray_wsss.core.weights.build_classifier, which reads it")
     model = AttentionViT(cfg, num_classes)
-    if cfg.weights:
-        load_weights(model, cfg.weights, storage_options)
+    if state_dict is not None:
+        load_pretrained(model, state_dict, source)
     return model
 
 
-def _read_state_dict(uri: str, storage_options: storage.StorageOptions | None) -> dict[str, torch.Tensor]:
-    data = storage.read_bytes(uri, storage_options)
-    try:
-        if uri.endswith(".safetensors"):
-            from safetensors.torch import load as load_safetensors
-
-            obj: Any = load_safetensors(data)
-        else:
-            # weights_only: a checkpoint is data, never code to run
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WsssError(f"cannot read weights {uri}: {type(err).__name__}: {err}") from err
-    # DeiT releases and our own checkpoints wrap the state dict as {"model": sd, ...}
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WsssError(f"{uri} does not hold a state dict (name -> tensor)")
-    for prefix in _KEY_PREFIXES:
-        if obj and all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return obj
-
-
-def load_weights(model: AttentionViT, uri: str, storage_options: storage.StorageOptions | None = None) -> None:
-    """Load a timm/DeiT state dict, a ``.safetensors`` file or a project checkpoint into ``model``.
+def load_pretrained(model: AttentionViT, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Load a state dict in timm's keys (``ray_wsss.core.weights`` maps other layouts to them).
 
     Position embeddings are resampled to the model's grid and a patch embedding to its patch size
     (timm's ``checkpoint_filter_fn``, which uses ``resample_abs_pos_embed``). A classifier head of
     another shape (other classes) is dropped and stays randomly initialised. Missing non-head keys
     are an error; unexpected keys are logged.
     """
-    state_dict = checkpoint_filter_fn(_read_state_dict(uri, storage_options), model.vit, adapt_layer_scale=True)
+    # adapt_layer_scale: DeiT-3 releases name LayerScale gamma_1/gamma_2
+    state_dict = checkpoint_filter_fn(dict(state_dict), model.vit, adapt_layer_scale=True)
     own = model.vit.state_dict()
-    for key in HEAD_KEYS:
-        if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
+    for key in [k for k in state_dict if k.startswith(HEAD_PREFIXES)]:
+        if key in own and state_dict[key].shape != own[key].shape:
             _logger.warning("%s: dropping %s of shape %s (model expects %s: different classes)",
-                            uri, key, tuple(state_dict[key].shape), tuple(own[key].shape))
+                            source, key, tuple(state_dict[key].shape), tuple(own[key].shape))
             del state_dict[key]
     try:
         result = model.vit.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # shape mismatches: another architecture
-        raise WsssError(f"weights {uri} do not fit {model.cfg.model_name}: {err}") from err
-    missing = [k for k in result.missing_keys if k not in HEAD_KEYS]
+        raise WsssError(f"weights {source} do not fit {model.cfg.model_name}: {err}") from err
+    missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIXES)]
     if missing:
-        raise WsssError(f"weights {uri} lack {len(missing)} parameters of {model.cfg.model_name}: {missing[:10]}")
+        raise WsssError(f"weights {source} lack {len(missing)} parameters of {model.cfg.model_name}: {missing[:10]}")
     if result.unexpected_keys:
-        _logger.warning("%s: ignored %d unexpected keys: %s", uri, len(result.unexpected_keys),
+        _logger.warning("%s: ignored %d unexpected keys: %s", source, len(result.unexpected_keys),
                         result.unexpected_keys[:10])
-    _logger.info("loaded weights from %s", uri)
+    _logger.info("loaded weights from %s", source)

@@ -6,13 +6,15 @@ For an image and a present class c, with A^l the post-softmax attention of block
     M_c    = mean over the last L blocks of mean over heads of G^l_c          (Eq. 7)
     R_c[j] = sum_i A_pp[j, i] * M_c[i]                                         (Eq. 8)
 
-where A_pp is the patch-to-patch attention averaged over heads and the refinement blocks: patch j
+where A_pp is the patch-to-patch attention averaged over heads and the refinement blocks (the
+authors' code sums over blocks instead: ``layer_reduction="sum"``): patch j
 aggregates the scores of the patches it attends to ("affinity @ cam", as TransCAM and the ACR
 code do). ACR* skips the refinement. The same code serves the baseline classifier: only the
 checkpoint differs.
 
-With P prefix tokens (1 for a cls-token ViT, 2 for a distilled DeiT) the gradient rows are the
-prefix rows ``[:P]`` averaged after the ReLU, the columns the patch tokens ``[P:]``.
+With K class tokens (1 for a cls-token ViT, 2 for a distilled DeiT) and P prefix tokens (class
+tokens, then any registers) the gradient rows are the class-token rows ``[:K]`` averaged after the
+ReLU, the columns the patch tokens ``[P:]``.
 
 Gradients of all (image, class) pairs of a batch come from ONE forward of the batch and one
 backward per class *slot*: slot s holds the s-th present class of every image, and since images of
@@ -35,6 +37,7 @@ from torch import Tensor
 from ray_wsss.core.models.vit import AttentionViT, ClassifierOutput
 
 GRAD_STRATEGIES = ("slots_vmap", "slots_loop", "pairs")
+LAYER_REDUCTIONS = ("mean", "sum")
 
 
 @dataclasses.dataclass
@@ -42,6 +45,14 @@ class ACRMapConfig:
     grad_layers: int = 2                           # last L blocks for the gradient maps (authors' code: 2)
     refine: bool = True                            # False = ACR* (no affinity refinement)
     refine_layers: tuple[int, ...] | None = None   # block indices (negative from the end) for A_pp; None = all
+    # How blocks combine, for the gradient maps and for A_pp alike: "mean" (Eq. 7-8) or "sum" (the
+    # authors' code: 2x the gradient maps, and refined maps 24x those of "mean" with 12 blocks). It
+    # scales the raw maps only; min-max seeds differ just through the normalisation's epsilon.
+    layer_reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.layer_reduction not in LAYER_REDUCTIONS:
+            raise ValueError(f"layer_reduction must be one of {LAYER_REDUCTIONS}, got {self.layer_reduction!r}")
 
 
 def class_maps(model: AttentionViT, images: Tensor, classes: Sequence[Sequence[int]],
@@ -87,7 +98,7 @@ def naive_class_maps(model: AttentionViT, images: Tensor, classes: Sequence[Sequ
                 logit = _logit_index(class_id, out.logits.shape[1])
                 grads = torch.autograd.grad(out.logits[0, logit], [out.attentions[l] for l in layers],
                                             retain_graph=True)
-                maps.append(_grads_to_map(grads, out.num_prefix_tokens)[0])
+                maps.append(_grads_to_map(grads, out, cfg.layer_reduction)[0])
             num_patches = out.grid[0] * out.grid[1]
             stacked = torch.stack(maps) if maps else out.logits.new_zeros(0, num_patches)
             if cfg.refine:
@@ -129,10 +140,16 @@ def _refine_layers(out: ClassifierOutput, layers: tuple[int, ...] | None) -> lis
     return sorted({i % depth for i in layers})
 
 
-def _grads_to_map(grads: Sequence[Tensor], prefix: int) -> Tensor:
-    """Per-layer gradients [..., heads, N, N] -> ReLU, mean over prefix rows, heads, layers: [..., Np]."""
-    per_layer = [g[..., :prefix, prefix:].clamp(min=0).mean(dim=-2).mean(dim=-2) for g in grads]
-    return torch.stack(per_layer).mean(dim=0)
+def _grads_to_map(grads: Sequence[Tensor], out: ClassifierOutput, reduction: str) -> Tensor:
+    """Per-layer gradients [..., heads, N, N] -> ReLU, mean over class rows and heads, ``reduction`` over
+    layers: [..., Np]."""
+    rows, prefix = out.num_class_tokens, out.num_prefix_tokens
+    per_layer = [g[..., :rows, prefix:].clamp(min=0).mean(dim=-2).mean(dim=-2) for g in grads]
+    return _reduce_layers(torch.stack(per_layer), reduction)
+
+
+def _reduce_layers(stacked: Tensor, reduction: str) -> Tensor:
+    return stacked.sum(dim=0) if reduction == "sum" else stacked.mean(dim=0)
 
 
 def _slot_gradient_maps(out: ClassifierOutput, logit_slots: Tensor, cfg: ACRMapConfig, batched: bool) -> Tensor:
@@ -144,12 +161,12 @@ def _slot_gradient_maps(out: ClassifierOutput, logit_slots: Tensor, cfg: ACRMapC
     selectors[slot_idx, image_idx, logit_slots[slot_idx, image_idx].to(selectors.device)] = 1.0
     if batched:
         grads = torch.autograd.grad(out.logits, attentions, grad_outputs=selectors, is_grads_batched=True)
-        return _grads_to_map(grads, out.num_prefix_tokens)
+        return _grads_to_map(grads, out, cfg.layer_reduction)
     maps = []
     for s in range(num_slots):
         grads = torch.autograd.grad(out.logits, attentions, grad_outputs=selectors[s],
                                     retain_graph=s < num_slots - 1)
-        maps.append(_grads_to_map(grads, out.num_prefix_tokens))
+        maps.append(_grads_to_map(grads, out, cfg.layer_reduction))
     return torch.stack(maps)
 
 
@@ -161,7 +178,7 @@ def _pair_maps(model: AttentionViT, images: Tensor, classes: list[list[int]], cf
                           dtype=torch.long, device=out.logits.device)
     attentions = [out.attentions[l] for l in _grad_layers(out, cfg.grad_layers)]
     grads = torch.autograd.grad(out.logits.gather(1, logits[:, None]).sum(), attentions)
-    maps = _grads_to_map(grads, out.num_prefix_tokens)  # [pairs, Np]
+    maps = _grads_to_map(grads, out, cfg.layer_reduction)  # [pairs, Np]
     if cfg.refine:
         maps = _refine(maps[:, None], _patch_affinity(out, cfg))[:, 0]
     return [m.reshape(len(m), *out.grid).float() for m in maps.split([len(row) for row in classes])]
@@ -169,10 +186,11 @@ def _pair_maps(model: AttentionViT, images: Tensor, classes: list[list[int]], cf
 
 @torch.no_grad()
 def _patch_affinity(out: ClassifierOutput, cfg: ACRMapConfig) -> Tensor:
-    """[B, Np, Np] patch-to-patch attention averaged over heads and the refinement blocks."""
+    """[B, Np, Np] patch-to-patch attention averaged over heads, reduced over the refinement blocks."""
     prefix = out.num_prefix_tokens
     layers = _refine_layers(out, cfg.refine_layers)
-    return torch.stack([out.attentions[l][:, :, prefix:, prefix:].mean(dim=1) for l in layers]).mean(dim=0)
+    return _reduce_layers(torch.stack([out.attentions[l][:, :, prefix:, prefix:].mean(dim=1) for l in layers]),
+                          cfg.layer_reduction)
 
 
 def _refine(maps: Tensor, affinity: Tensor) -> Tensor:

@@ -6,6 +6,8 @@ For an image, with A^l the head-averaged attention of block l, C class tokens an
     M[c, i] *= ReLU(PatchCAM[c, i])                                        (V2, "fused")
     R[c, j]  = sum_i A_pp[j, i] * M[c, i],  A_pp = sum over ALL blocks of A^l[C:, C:]   (refinement)
 
+(``layer_reduction="mean"`` averages over those blocks instead: the same maps scaled by 1/K and 1/depth.)
+
 (the same "affinity @ cam" orientation as ACR's Eq. 8). Only the image's labelled classes are
 kept. Test-time augmentation is tta.py's, as for every method: each (scale, flip) view's maps are bilinearly upsampled
 to the image size, un-flipped and summed, then min-max normalised per labelled class.
@@ -23,6 +25,7 @@ from torch import Tensor
 from ray_wsss.core.models.vit import ClassifierOutput
 
 MAP_TYPES = ("fused", "patchcam", "attention")
+LAYER_REDUCTIONS = ("sum", "mean")
 
 
 @dataclasses.dataclass
@@ -30,17 +33,21 @@ class MCTMapConfig:
     last_layers: int = 3        # K: class-to-patch attention summed over the last K blocks (authors: 3)
     refine: bool = True         # patch-to-patch attention refinement (authors' --patch-attn-refine)
     map_type: str = "fused"     # V2: "fused" = attention x ReLU(PatchCAM), "patchcam", "attention"; V1: attention
+    layer_reduction: str = "sum"  # how blocks combine, for M and A_pp: "sum" (the authors') or "mean"
 
 
 def maps_from_output(out: ClassifierOutput, cfg: MCTMapConfig = MCTMapConfig()) -> Tensor:
     """[B, C, gh, gw] maps of every class from one forward's output (no normalisation)."""
     if cfg.map_type not in MAP_TYPES:
         raise ValueError(f"unknown map_type {cfg.map_type!r}; expected one of {MAP_TYPES}")
+    if cfg.layer_reduction not in LAYER_REDUCTIONS:
+        raise ValueError(f"unknown layer_reduction {cfg.layer_reduction!r}; expected one of {LAYER_REDUCTIONS}")
+    reduce = torch.sum if cfg.layer_reduction == "sum" else torch.mean
     prefix, depth = out.num_prefix_tokens, len(out.attentions)
     if not 1 <= cfg.last_layers <= depth:
         raise ValueError(f"last_layers={cfg.last_layers} must be within 1..{depth} (the model's blocks)")
     heads_mean = [attn.float().mean(dim=1) for attn in out.attentions]  # [B, T, T] per block
-    maps = torch.stack([a[:, :prefix, prefix:] for a in heads_mean[depth - cfg.last_layers:]]).sum(dim=0)
+    maps = reduce(torch.stack([a[:, :prefix, prefix:] for a in heads_mean[depth - cfg.last_layers:]]), dim=0)
     patch_cams = getattr(out, "patch_cams", None)
     if patch_cams is not None and cfg.map_type != "attention":
         relu_cams = F.relu(patch_cams.float()).flatten(2)
@@ -48,7 +55,7 @@ def maps_from_output(out: ClassifierOutput, cfg: MCTMapConfig = MCTMapConfig()) 
     elif cfg.map_type == "patchcam":
         raise ValueError("map_type 'patchcam' needs an MCTformer-V2 (a PatchCAM head)")
     if cfg.refine:
-        affinity = torch.stack([a[:, prefix:, prefix:] for a in heads_mean]).sum(dim=0)  # [B, Np, Np]
+        affinity = reduce(torch.stack([a[:, prefix:, prefix:] for a in heads_mean]), dim=0)  # [B, Np, Np]
         maps = maps @ affinity.transpose(1, 2)
     return maps.reshape(*maps.shape[:2], *out.grid)
 
