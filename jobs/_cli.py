@@ -29,10 +29,14 @@ def parse_config(cls: type[T], description: str, argv: list[str] | None = None) 
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # defaults: _add_flag
     parser.add_argument("--config", help="YAML file (local or s3://) with any of the options below")
     hints = typing.get_type_hints(cls)
+    sections = config_lib.nested_sections(cls)
     for field in dataclasses.fields(cls):
-        if field.name == "storage" or config_lib.unwrap_optional(hints[field.name]) is dict:
-            continue  # storage has its own flags; dict fields are per-stage YAML sections
+        if field.name in sections or config_lib.unwrap_optional(hints[field.name]) is dict:
+            continue  # nested sections get prefixed flags below; dict fields are per-stage YAML sections
         _add_flag(parser, field, config_lib.unwrap_optional(hints[field.name]))
+    for field in dataclasses.fields(cls):
+        if field.name in sections and field.name != "storage":  # storage has the --s3-* flags
+            _add_section_flags(parser, field, sections[field.name])
     s3 = parser.add_argument_group("S3-compatible storage (default: the AWS environment variables)")
     s3.add_argument("--s3-endpoint", help="endpoint URL, e.g. http://minio:9000 (AWS_ENDPOINT_URL)")
     s3.add_argument("--s3-region", help="region (AWS_REGION)")
@@ -42,7 +46,7 @@ def parse_config(cls: type[T], description: str, argv: list[str] | None = None) 
     options = StorageOptions(args.pop("s3_endpoint"), args.pop("s3_region"),
                              args.pop("s3_access_key"), args.pop("s3_secret_key"))
     yaml_uri = args.pop("config")
-    overrides = {k: v for k, v in args.items() if v is not None}
+    overrides = _nest({k: v for k, v in args.items() if v is not None}, sections)
     storage_flags = {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
     if storage_flags and any(f.name == "storage" for f in dataclasses.fields(cls)):
         overrides["storage"] = storage_flags  # on top of the YAML's `storage:` section, key by key
@@ -52,10 +56,41 @@ def parse_config(cls: type[T], description: str, argv: list[str] | None = None) 
         parser.error(str(err))
 
 
-def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, kind: Any) -> None:
-    flag = "--" + field.name.replace("_", "-")
+def _add_section_flags(parser: argparse.ArgumentParser, field: dataclasses.Field, section: type) -> None:
+    """A nested section's fields as ``--<section>-<field>`` flags; its ``enabled`` switch as ``--<section>``.
+
+    The defaults shown are the stage's own (its field's default section), not the section class's.
+    """
+    group = parser.add_argument_group(f"{field.name}: (YAML section `{field.name}:`)")
+    hints = typing.get_type_hints(section)
+    default = field.default_factory()
+    for sub in dataclasses.fields(section):
+        dest = field.name if sub.name == "enabled" else f"{field.name}.{sub.name}"
+        _add_flag(group, sub, config_lib.unwrap_optional(hints[sub.name]), dest, getattr(default, sub.name))
+
+
+def _nest(values: dict[str, Any], sections: dict[str, type]) -> dict[str, Any]:
+    """Flag values of nested sections (dest ``crf.iterations``, switch ``crf``) -> {"crf": {...}}."""
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        section, _, field = key.partition(".")
+        if field:
+            nested.setdefault(section, {})[field] = value
+        elif section in sections and section != "storage":
+            nested.setdefault(section, {})["enabled"] = value
+        else:
+            nested[key] = value
+    return nested
+
+
+def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, kind: Any, dest: str | None = None,
+              default: Any = dataclasses.MISSING) -> None:
+    dest = dest or field.name
+    flag = "--" + dest.replace("_", "-").replace(".", "-")
     help_text = field.metadata.get("help", "")
-    if field.default is not dataclasses.MISSING:
+    if default is not dataclasses.MISSING:
+        pass
+    elif field.default is not dataclasses.MISSING:
         default = field.default
     elif field.default_factory is not dataclasses.MISSING:
         default = field.default_factory()
@@ -67,12 +102,12 @@ def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, kind: A
         help_text += f"; {config_lib.describe(kind, field.metadata)}"
     choices = field.metadata.get("choices")
     if kind is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     elif typing.get_origin(kind) is tuple:
         item = typing.get_args(kind)[0]
-        parser.add_argument(flag, nargs="+", type=item, default=None, help=help_text)
+        parser.add_argument(flag, dest=dest, nargs="+", type=item, default=None, help=help_text)
     elif kind in (int, float, str):
-        parser.add_argument(flag, type=kind, default=None, choices=choices, help=help_text)
+        parser.add_argument(flag, dest=dest, type=kind, default=None, choices=choices, help=help_text)
     else:
         raise TypeError(f"no flag type for {field.name}: {kind}")
 

@@ -1,7 +1,7 @@
 """Turn seeds into pixel pseudo masks with a dense CRF, on a CPU actor pool.
 
     python jobs/make_masks.py --seeds runs/default/seeds --data runs/default/data --out runs/default/masks
-    python jobs/make_masks.py ... --no-crf --threshold 0.35
+    python jobs/make_masks.py ... --no-crf --threshold 0.35      # or --crf-iterations 5 ...; YAML: crf: {iterations: 5}
 
 The background threshold defaults to the best one found by `jobs/evaluate.py --kind seeds`.
 On clusters, CRF actors ask for the `crf_pool` resource that only CPU nodes advertise.

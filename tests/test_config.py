@@ -64,3 +64,29 @@ def test_every_default_passes_its_own_checks(cls):
     defaults = cls()
     values = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(cls)}
     assert config_lib.from_dict(cls, values) == defaults
+
+
+def test_a_nested_crf_section_updates_the_stage_default_key_by_key(tmp_path):
+    from ray_wsss.stages.segment import SegmentConfig
+
+    yaml_path = tmp_path / "segment.yaml"
+    yaml_path.write_text("crf: {iterations: 5, enabled: true}\n")
+    seg = config_lib.load(SegmentConfig, str(yaml_path))
+    assert seg.crf.iterations == 5 and seg.crf.enabled
+    assert seg.crf.bilateral_sxy == 67.0  # segment's own default section, not the class's 80
+    masks = config_lib.from_dict(MakeMasksConfig, {"crf": False, "threshold": 0.3})
+    assert not masks.crf.enabled and masks.crf.bilateral_sxy == 80.0
+    assert MakeMasksConfig(crf=False).crf == masks.crf  # the same shorthand from Python
+    with pytest.raises(config_lib.ConfigError, match="crf: iterations = 0 is not allowed"):
+        config_lib.from_dict(MakeMasksConfig, {"crf": {"iterations": 0}})
+
+
+def test_nested_section_flags():
+    sys.path.insert(0, str(REPO / "jobs"))
+    cli = importlib.import_module("_cli")
+    from ray_wsss.stages.segment import SegmentConfig
+
+    seg = cli.parse_config(SegmentConfig, "", ["--crf", "--crf-iterations", "3", "--crf-bilateral-srgb", "5"])
+    assert (seg.crf.enabled, seg.crf.iterations, seg.crf.bilateral_srgb, seg.crf.bilateral_sxy) == (True, 3, 5.0, 67.0)
+    masks = cli.parse_config(MakeMasksConfig, "", ["--no-crf", "--threshold", "0.4"])
+    assert not masks.crf.enabled and masks.crf.iterations == 10

@@ -155,7 +155,7 @@ def test_job_flags_fill_the_configs():
     seg = cli.parse_config(segment.SegmentConfig, "", [
         "--checkpoint", "c", "--data", "d", "--out", "o", "--scales", "0.5", "1.0", "1.5", "--no-flip", "--crf",
         "--split", "train,val"])
-    assert (seg.scales, seg.flip, seg.crf, seg.split) == ((0.5, 1.0, 1.5), False, True, "train,val")
+    assert (seg.scales, seg.flip, seg.crf.enabled, seg.split) == ((0.5, 1.0, 1.5), False, True, "train,val")
     assert seg.crf_config().bilateral_sxy == 67.0 and segment.SegmentConfig().crf_config() is None
 
 

@@ -107,11 +107,34 @@ class _Mismatch(Exception):
 
 def _checked(field: dataclasses.Field, kind: Any, value: Any, source: str) -> Any:
     """``value`` converted to the field's type (list -> tuple, int -> float), or ConfigError."""
+    value = _onto_default(field, unwrap_optional(kind), value, source)
     try:
         return _convert(kind, value, field.metadata, f"{source}: {field.name}")
     except _Mismatch:
         raise ConfigError(f"{source}: {field.name} = {value!r} is not allowed; expected "
                           f"{describe(kind, field.metadata)}") from None
+
+
+def _onto_default(field: dataclasses.Field, kind: Any, value: Any, source: str) -> Any:
+    """A nested section given as a mapping updates the field's own default key by key (a stage may default
+    its ``crf:`` section differently from another stage); ``section: true/false`` sets its ``enabled``."""
+    if not dataclasses.is_dataclass(kind) or field.default_factory is dataclasses.MISSING:
+        return value
+    has_switch = any(f.name == "enabled" for f in dataclasses.fields(kind))
+    if isinstance(value, bool) and has_switch:
+        value = {"enabled": value}
+    if not isinstance(value, dict):
+        return value
+    default = field.default_factory()
+    base = {f.name: getattr(default, f.name) for f in dataclasses.fields(kind)}
+    return {**base, **_dash_to_underscore(value, f"{source}: {field.name}")}
+
+
+def nested_sections(cls: type) -> dict[str, type]:
+    """{field name: dataclass} of ``cls``'s nested config sections (``crf``, ``storage``)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: unwrap_optional(hints[f.name]) for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(unwrap_optional(hints[f.name]))}
 
 
 def _convert(kind: Any, value: Any, metadata: Any, where: str) -> Any:
@@ -184,7 +207,10 @@ def describe(kind: Any, metadata: Any = None) -> str:
     metadata = metadata or {}
     inner = unwrap_optional(kind)
     if dataclasses.is_dataclass(inner):
-        text = f"a mapping with keys among {[f.name for f in dataclasses.fields(inner)]}"
+        keys = [f.name for f in dataclasses.fields(inner)]
+        text = f"a mapping with keys among {keys}"
+        if "enabled" in keys:
+            text = f"true or false (its `enabled`), or {text}"
     elif _is_tuple(inner):
         args = typing.get_args(inner)
         text = f"a list of {_NAMES[args[0]][1]}{_bounds(metadata)}"

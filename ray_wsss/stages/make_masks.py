@@ -47,25 +47,19 @@ class MakeMasksConfig(batch_stage.DataStageConfig):
                                               "<seeds>/eval/summary.json (what the pipeline passes)")
     background: str = option("threshold", "background score: constant threshold, or PSA (1-max)^alpha", choices=("threshold", "power"))
     power_alpha: float = option(8.0, "alpha of the PSA background", gt=0)
-    crf: bool = option(True, "dense CRF refinement (--no-crf: argmax of the seeds)")
-    crf_iterations: int = option(10, "mean-field iterations", min=1)
-    crf_gaussian_sxy: float = option(3.0, "Gaussian kernel spatial std", gt=0)
-    crf_gaussian_compat: float = option(3.0, "Gaussian kernel compatibility", min=0)
-    crf_bilateral_sxy: float = option(80.0, "bilateral kernel spatial std", gt=0)
-    crf_bilateral_srgb: float = option(13.0, "bilateral kernel colour std", gt=0)
-    crf_bilateral_compat: float = option(10.0, "bilateral kernel compatibility", min=0)
-    crf_scale: float = option(10.0, "logit scale of the seed scores before the softmax unary", gt=0)
+    crf: CRFConfig = dataclasses.field(default_factory=CRFConfig)  # PSA's values; --no-crf: argmax of the seeds
     ignore_low: float | None = option(None, "pixels with confidence in [low, high) become 255 (off by default)", min=0, max=1)
     ignore_high: float | None = option(None, "upper end of the ignore band", min=0, max=1)
     num_cpus_per_task: float = option(1.0, "CPUs per CRF actor", gt=0)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.crf, bool):  # MakeMasksConfig(crf=False), as YAML's `crf: false`
+            self.crf = dataclasses.replace(CRFConfig(), enabled=self.crf)
+
     def labelling(self, threshold: float) -> LabellingConfig:
-        crf = CRFConfig(gaussian_sxy=self.crf_gaussian_sxy, gaussian_compat=self.crf_gaussian_compat,
-                        bilateral_sxy=self.crf_bilateral_sxy, bilateral_srgb=self.crf_bilateral_srgb,
-                        bilateral_compat=self.crf_bilateral_compat, iterations=self.crf_iterations,
-                        scale=self.crf_scale)
         return LabellingConfig(background=self.background, threshold=threshold, power_alpha=self.power_alpha,
-                               crf=self.crf, ignore_low=self.ignore_low, ignore_high=self.ignore_high, crf_config=crf)
+                               crf=self.crf.enabled, ignore_low=self.ignore_low, ignore_high=self.ignore_high,
+                               crf_config=self.crf)
 
 
 def mask_row(record: dict[str, Any], labelling: LabellingConfig) -> dict[str, Any]:
@@ -153,7 +147,7 @@ def _stage(cfg: MakeMasksConfig) -> batch_stage.BatchStage:
     seeds_splits = sorted(set(commit.file_splits(cfg.seeds, "seeds", cfg.storage).values()))
     files = batch_stage.samples_files(cfg.data, cfg.storage, cfg.splits() or seeds_splits)
     log.info("pseudo masks for %s: threshold %.2f (%s), CRF %s", sorted(set(files.values())), threshold,
-             threshold_source, "on" if cfg.crf else "off")
+             threshold_source, "on" if cfg.crf.enabled else "off")
     metadata = {
         "table": "masks",
         "class_names": seeds_meta["class_names"],
@@ -161,17 +155,17 @@ def _stage(cfg: MakeMasksConfig) -> batch_stage.BatchStage:
         "seeds": cfg.seeds,
         "threshold": threshold,
         "threshold_source": threshold_source,
-        "crf": cfg.crf,
+        "crf": cfg.crf.enabled,
         "job": "make_masks",
         "config": config_lib.to_dict(cfg),
     }
 
-    titles = ["image", f"seeds @{threshold:.2f}", "pseudo mask" + (" (CRF)" if cfg.crf else ""), "ground truth"]
+    titles = ["image", f"seeds @{threshold:.2f}", "pseudo mask" + (" (CRF)" if cfg.crf.enabled else ""), "ground truth"]
 
     return batch_stage.BatchStage(
         name=STAGE, table="masks", worker=MaskMaker, worker_args=(threshold,),
         tasks=batch_stage.follow_samples(cfg.data, sorted(files), cfg.storage, {"seeds": (cfg.seeds, "seeds")}),
-        metadata=metadata, summary={"stage": STAGE, "out": cfg.out, "threshold": threshold, "crf": cfg.crf},
+        metadata=metadata, summary={"stage": STAGE, "out": cfg.out, "threshold": threshold, "crf": cfg.crf.enabled},
         remote_args=crf_pool_args(cfg), file_splits=files,
         after_tasks=lambda: {"worker_nodes": worker_nodes(cfg.out, cfg.storage)},
         contact_sheet=lambda: batch_stage.contact_sheet(cfg.out, "masks", cfg.data, partial(_contact_panels, cfg, threshold),

@@ -20,7 +20,7 @@ from ray_wsss.core import config as config_lib
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.inference import normalize_image, predict_probs
-from ray_wsss.core.refine.crf import CRFConfig, dense_crf
+from ray_wsss.core.refine.crf import CRFConfig, deeplab_crf, dense_crf
 from ray_wsss.harness import batch_stage, training
 from ray_wsss.harness.cluster import model_actor_args
 
@@ -36,21 +36,14 @@ class SegmentConfig(batch_stage.DataStageConfig):
     checkpoint: str = option("runs/default/deeplab", "a DeepLab checkpoint dir, or train_deeplab's --out (its latest)")
     scales: tuple[float, ...] = option((1.0,), "test-time scales (the paper: 0.5 0.75 1.0 1.25 1.5)", gt=0)
     flip: bool = option(True, "add horizontally flipped inputs")
-    crf: bool = option(False, "dense CRF on the fused probabilities")
-    # deeplab-pytorch's VOC values, which ACR's segmentation step uses.
-    crf_iterations: int = option(10, "mean-field iterations", min=1)
-    crf_gaussian_sxy: float = option(1.0, "Gaussian kernel spatial std", gt=0)
-    crf_gaussian_compat: float = option(3.0, "Gaussian kernel compatibility", min=0)
-    crf_bilateral_sxy: float = option(67.0, "bilateral kernel spatial std", gt=0)
-    crf_bilateral_srgb: float = option(3.0, "bilateral kernel colour std", gt=0)
-    crf_bilateral_compat: float = option(4.0, "bilateral kernel compatibility", min=0)
+    crf: CRFConfig = dataclasses.field(default_factory=deeplab_crf)  # on the fused probabilities; --crf turns it on
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crf, bool):  # SegmentConfig(crf=True), as YAML's `crf: true`
+            self.crf = dataclasses.replace(deeplab_crf(), enabled=self.crf)
 
     def crf_config(self) -> CRFConfig | None:
-        if not self.crf:
-            return None
-        return CRFConfig(gaussian_sxy=self.crf_gaussian_sxy, gaussian_compat=self.crf_gaussian_compat,
-                         bilateral_sxy=self.crf_bilateral_sxy, bilateral_srgb=self.crf_bilateral_srgb,
-                         bilateral_compat=self.crf_bilateral_compat, iterations=self.crf_iterations)
+        return self.crf if self.crf.enabled else None
 
 
 def segment_image(model: torch.nn.Module, rgb: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = False,
@@ -116,7 +109,7 @@ def _stage(cfg: SegmentConfig) -> batch_stage.BatchStage:
                         f"but {cfg.data} has {data_meta['class_names']}")
     files = batch_stage.samples_files(cfg.data, cfg.storage, cfg.splits())
     log.info("segmenting %s of %s with checkpoint %s (epoch %s), scales %s, flip %s, CRF %s",
-             sorted(set(files.values())), cfg.data, checkpoint_uri, meta.get("epoch"), cfg.scales, cfg.flip, cfg.crf)
+             sorted(set(files.values())), cfg.data, checkpoint_uri, meta.get("epoch"), cfg.scales, cfg.flip, cfg.crf.enabled)
     metadata = {
         "table": "masks",
         "class_names": data_meta["class_names"],
@@ -125,16 +118,16 @@ def _stage(cfg: SegmentConfig) -> batch_stage.BatchStage:
         "split": cfg.split,
         "scales": list(cfg.scales),
         "flip": cfg.flip,
-        "crf": cfg.crf,
+        "crf": cfg.crf.enabled,
         "job": "segment",
         "config": config_lib.to_dict(cfg),
     }
-    title = "prediction" + (" (CRF)" if cfg.crf else "")
+    title = "prediction" + (" (CRF)" if cfg.crf.enabled else "")
     return batch_stage.BatchStage(
         name=STAGE, table="masks", worker=Segmenter, worker_args=(checkpoint_uri,),
         tasks=batch_stage.follow_samples(cfg.data, sorted(files), cfg.storage), metadata=metadata,
         summary={"stage": STAGE, "out": cfg.out, "checkpoint": checkpoint_uri, "split": cfg.split,
-                 "scales": list(cfg.scales), "flip": cfg.flip, "crf": cfg.crf},
+                 "scales": list(cfg.scales), "flip": cfg.flip, "crf": cfg.crf.enabled},
         remote_args=model_actor_args(cfg.use_gpu), file_splits=files,
         contact_sheet=lambda: batch_stage.contact_sheet(cfg.out, "masks", cfg.data, _contact_panels,
                                                         ["image", title, "ground truth"], cfg.storage))

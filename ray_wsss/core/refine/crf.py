@@ -11,6 +11,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
 
+from ray_wsss.core.config import option
 from ray_wsss.core.metrics import SCORE_DTYPE
 from ray_wsss.core.schema import IGNORE_INDEX
 
@@ -27,14 +28,23 @@ class CRFConfig:
     margin of 0.5 gives e^5 (~150:1), so pixels near the threshold follow image edges while confident
     seeds need a clear colour cue to flip. (On a blurred square, 5-15 snap to the true edge; 25 and more
     start to keep the seed's blur; on an image without edges even 15 lets the CRF erase a small seed.)
+
+    ``enabled`` says whether a stage runs it at all; a stage config holds this as its nested ``crf``
+    section (YAML ``crf: {iterations: 5}``, flags ``--crf-iterations 5``, ``--no-crf``).
     """
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
-    iterations: int = 10
-    scale: float = 10.0
+    enabled: bool = option(True, "run the dense CRF (--no-crf: skip it)")
+    gaussian_sxy: float = option(3.0, "Gaussian kernel spatial std", gt=0)
+    gaussian_compat: float = option(3.0, "Gaussian kernel compatibility", min=0)
+    bilateral_sxy: float = option(80.0, "bilateral kernel spatial std", gt=0)
+    bilateral_srgb: float = option(13.0, "bilateral kernel colour std", gt=0)
+    bilateral_compat: float = option(10.0, "bilateral kernel compatibility", min=0)
+    iterations: int = option(10, "mean-field iterations", min=1)
+    scale: float = option(10.0, "logit scale of seed scores before the softmax unary (seeds only)", gt=0)
+
+
+def deeplab_crf() -> CRFConfig:
+    """deeplab-pytorch's VOC values for a CRF on segmentation probabilities (ACR's segmentation step), off."""
+    return CRFConfig(enabled=False, gaussian_sxy=1.0, bilateral_sxy=67.0, bilateral_srgb=3.0, bilateral_compat=4.0)
 
 
 @dataclasses.dataclass
