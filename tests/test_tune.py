@@ -141,3 +141,16 @@ def test_best_config_files_load_as_job_configs(sweep):
 
     seeds = _cli().parse_config(ExtractSeedsConfig, "", ["--config", summary["best_seeds"]])
     assert seeds.layers == best["layers"] and seeds.flip is False and seeds.checkpoint == train.out
+
+
+@pytest.mark.slow
+def test_rerunning_the_sweep_resumes_it_instead_of_starting_over(sweep):
+    """The same command again finds the experiment (Tuner.can_restore) and restores it: finished trials
+    keep their results and their Train runs are not repeated."""
+    cfg, summary = sweep
+    runs = sorted((Path(cfg.out) / "trials").glob("*/train/*/checkpoint_*"))
+    before = {path: path.stat().st_mtime for path in runs}
+    again = tune_acr.run(cfg)
+    assert again["best"] == summary["best"] and again["trials"] == summary["trials"]
+    assert {path: path.stat().st_mtime for path in sorted((Path(cfg.out) / "trials").glob(
+        "*/train/*/checkpoint_*"))} == before  # nothing retrained
