@@ -93,6 +93,8 @@ def test_missing_bucket_is_named_and_never_created(s3_endpoint, region):
     with pytest.raises(WsssError, match=f"bucket '{bucket}' does not exist"):
         storage.read_bytes(f"s3://{bucket}/data/dataset.json", opts)
     with pytest.raises(WsssError, match=f"bucket '{bucket}' does not exist"):
+        commit.read_table(f"s3://{bucket}/data", "samples", opts)
+    with pytest.raises(WsssError, match=f"bucket '{bucket}' does not exist"):
         storage.create_exclusive(f"s3://{bucket}/run/_LOCK", b"{}", opts)
     assert bucket not in _bucket_names(s3_endpoint)
 
