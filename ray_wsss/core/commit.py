@@ -134,7 +134,7 @@ def check_claimable(out: str, stage: str | None, options: StorageOptions | None 
     entries = list_entries(out, options)
     journal = _journal_from(out, entries, options)
     if journal is None:
-        foreign = [name for name in entries if name != LOCK_FILE]
+        foreign = [name for name in entries if not _is_lock(name)]
         if foreign:
             raise OwnershipError(
                 f"{out} is not empty and holds no stage output (neither {SUCCESS_FILE} nor {STAGING_DIR}/): "
@@ -213,8 +213,8 @@ def reset_stage(out: str, options: StorageOptions | None = None, stage: str | No
 def _plan_reset(out: str, journal: Journal, options: StorageOptions | None) -> dict[str, tuple[Journal, dict]]:
     """Check that everything in ``out`` is journaled, here or in a nested stage output; -> the nested plans."""
     present = [rel for rel in list_files(out, options)
-               if not _covered(rel, {STAGING_DIR} | journal.dirs) and rel not in (SUCCESS_FILE, LOCK_FILE)]
-    locked = [rel for rel in present if posixpath.basename(rel) == LOCK_FILE]
+               if not _covered(rel, {STAGING_DIR} | journal.dirs) and rel != SUCCESS_FILE and not _is_lock(rel)]
+    locked = [rel for rel in present if _is_lock(posixpath.basename(rel))]
     if locked:
         raise OwnershipError(f"--overwrite refused: a job is writing inside {out} ({_quote(locked)}); "
                              "wait for it to finish")
@@ -231,6 +231,11 @@ def _plan_reset(out: str, journal: Journal, options: StorageOptions | None) -> d
             f"--overwrite refused: {out} holds files its stage did not write (not in its journal): {_quote(unknown)}. "
             "A reset deletes only what the stage wrote; move these out of it (or delete them yourself) and rerun")
     return nested
+
+
+def _is_lock(name: str) -> bool:
+    """The lock, or a competing run's temporary file on its way to becoming it (storage.create_exclusive)."""
+    return name == LOCK_FILE or name.startswith(LOCK_FILE + ".tmp-")
 
 
 def _nested_root(rel: str) -> str | None:
@@ -256,7 +261,8 @@ def _reset(out: str, journal: Journal, nested: dict[str, tuple[Journal, dict]], 
         _delete_file(join(out, rel), options)
     for rel in sorted(journal.dirs):
         delete(join(out, rel), options)
-    _remove_empty_dirs(out, {posixpath.dirname(r) for r in journal.files | journal.dirs} | set(nested))
+    _remove_empty_dirs(out, {posixpath.dirname(r) for r in journal.files | journal.dirs}
+                       | set(nested) | set(journal.manifest.get("tables", {})))
     delete(join(out, STAGING_DIR), options)
 
 
@@ -431,7 +437,7 @@ def commit_stage(out: str, tables: Iterable[str], metadata: dict,
         for rel in sorted(f for f in journal.files if f.startswith(table + "/") and f not in final[table]):
             _delete_file(join(out, rel), options)
             journal.files.discard(rel)
-        if not is_s3(out):
+        if srcs and not is_s3(out):  # no empty folder for a table without files: it would outlive a reset
             fs.create_dir(resolve(join(out, table), options)[1], recursive=True)
         for src, rel in zip(srcs, final[table]):
             fs.move(resolve(src, options)[1], resolve(join(out, rel), options)[1])

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from ray_wsss.core import storage
 from ray_wsss.core.commit import LOCK_FILE
+from ray_wsss.core.config import option
 from ray_wsss.core.errors import OutputLockedError, OwnershipError
 from ray_wsss.core.storage import StorageOptions
 
@@ -170,9 +171,22 @@ class OutputLock:
         self.release()
 
 
+def break_lock_option() -> Any:
+    """A stage config's ``break_lock`` field (``--break-lock``)."""
+    return option(False, "take over the lock (<out>/_LOCK) of a run that was killed; "
+                         "refused while the holder still runs on this host")
+
+
 def holds_lock(out: str) -> bool:
-    """Whether this thread's run holds the lock of ``out`` (the harness checks it before writing)."""
+    """Whether this thread's run holds the lock of ``out``."""
     return out in _held.get()
+
+
+def require_lock(out: str, stage: str) -> None:
+    """A stage writes its out only while holding its lock: a programming error otherwise, caught early."""
+    if not holds_lock(out):
+        raise RuntimeError(f"stage {stage!r} would write {out} without holding its lock: "
+                           "decorate its run() with ray_wsss.core.ownership.owns_output")
 
 
 def owns_output(stage: str, inputs: Iterable[str] = (), contains_out: Iterable[str] = (),

@@ -190,8 +190,13 @@ def read_json(uri: str, options: StorageOptions | None = None) -> Any:
     return json.loads(read_bytes(uri, options))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """How the project writes JSON files."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+
+
 def write_json(uri: str, obj: Any, options: StorageOptions | None = None) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), options)
+    write_bytes(uri, json_bytes(obj), options)
 
 
 def list_files(uri: str, options: StorageOptions | None = None, suffix: str = "") -> list[str]:
