@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_wsss.core import schema, storage
-from ray_wsss.core import commit
+from ray_wsss.core import commit, ownership
 from ray_wsss.core.errors import RecordError, TooManyErrorsError
 from ray_wsss.core.storage import StorageOptions
 
@@ -84,14 +84,21 @@ def write_rows(ds, out: str, table: str, options: StorageOptions | None) -> None
 
 
 def begin(out: str, stage: str, overwrite: bool, options: StorageOptions | None) -> dict[str, Any] | None:
-    """The skipped-stage summary if ``out`` is committed (and not overwriting); else prepare to run."""
-    if commit.is_committed(out, options) and not overwrite:
+    """The skipped-stage summary if ``out`` is committed (and not overwriting); else claim it to run.
+
+    Runs under the output's lock (``ownership.owns_output`` on the stage's ``run``). A foreign out,
+    or another stage's, is refused; ``--overwrite`` deletes only what the stage's journal lists.
+    """
+    ownership.require_lock(out, stage)
+    journal = commit.check_claimable(out, stage, options)
+    if journal is not None and journal.committed and not overwrite:
         log.info("%s is already committed; skipping (pass --overwrite to redo it)", out)
         summary_uri = storage.join(out, "summary.json")
         previous = storage.read_json(summary_uri, options) if storage.exists(summary_uri, options) else {}
         return {**previous, "stage": stage, "out": out, "skipped": True}
     if overwrite:
-        commit.reset_stage(out, options)
+        commit.reset_stage(out, options, stage)
+    commit.claim(out, stage, options)
     return None
 
 
@@ -108,7 +115,7 @@ def commit_tables(out: str, table: str, metadata: dict[str, Any], summary: dict[
                      errors=manifest["tables"]["errors"]["rows"], skipped=False)
         return final
 
-    commit.commit_stage(out, [table, "errors"], metadata, options, make_summary)
+    commit.commit_stage(out, [table, "errors"], metadata, options, make_summary, stage=summary.get("stage"))
     return final
 
 

@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from ray_wsss.core import config as config_lib
 from ray_wsss.core import storage
-from ray_wsss.core import commit
+from ray_wsss.core import commit, ownership
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.core import checkpoints
 from ray_wsss.core.viz import learning_curves_png
@@ -150,7 +150,13 @@ def latest_checkpoint(run: TrainRun) -> str | None:
 
 def fit(run: TrainRun, train_loop: Callable[[dict], None], loop_config: dict[str, Any],
         datasets: dict[str, Any], tag: str) -> str:
-    """Run ``train_loop`` on Ray Train (resuming run ``run.name`` if it exists); -> the last checkpoint's path."""
+    """Run ``train_loop`` on Ray Train (resuming run ``run.name`` if it exists); -> the last checkpoint's path.
+
+    Claims ``run.out`` for stage ``tag`` first, with Ray Train's run folder ``<out>/<name>/`` in the
+    journal, so a crashed run's out is still the stage's (and its rerun resumes from that folder).
+    """
+    ownership.require_lock(run.out, tag)
+    commit.claim(run.out, tag, run.storage, dirs=[run.name])
     storage_fs, storage_path = storage.resolve(run.out, run.storage)
     previous = latest_checkpoint(run)
     if previous:
@@ -182,8 +188,7 @@ def finish(run: TrainRun, checkpoint_path: str, started: float, fields: dict[str
     history = [json.loads(line) for line in
                storage.read_bytes(storage.join(ckpt, METRICS_FILE), run.storage).decode().splitlines() if line]
     for name in (METRICS_FILE, CURVE_FILE):
-        storage.write_bytes(storage.join(run.out, name), storage.read_bytes(storage.join(ckpt, name), run.storage),
-                            run.storage)
+        commit.write_output(run.out, name, storage.read_bytes(storage.join(ckpt, name), run.storage), run.storage)
     final = history[-1] if history else {}
     summary = {
         **fields, "name": run.name, "checkpoint": ckpt,
@@ -192,7 +197,7 @@ def finish(run: TrainRun, checkpoint_path: str, started: float, fields: dict[str
         "val": {k[len("val_"):]: v for k, v in final.items() if k.startswith("val_")},
         "seconds": round(time.time() - started, 2),
     }
-    storage.write_bytes(storage.join(run.out, "config.yaml"), config_lib.dump_yaml(run).encode(), run.storage)
-    storage.write_json(storage.join(run.out, "summary.json"), summary, run.storage)
-    storage.write_json(storage.join(run.out, commit.SUCCESS_FILE), {"checkpoint": ckpt, "tables": {}}, run.storage)
+    commit.write_output(run.out, "config.yaml", config_lib.dump_yaml(run).encode(), run.storage)
+    commit.write_output(run.out, "summary.json", storage.json_bytes(summary), run.storage)
+    commit.commit_outputs(run.out, fields.get("stage"), {"checkpoint": ckpt}, run.storage)
     return summary

@@ -6,12 +6,14 @@ from typing import Any
 
 import numpy as np
 
+from ray_wsss.core import commit, ownership, storage
 from ray_wsss.core.config import option
 from ray_wsss.core.metrics import DEFAULT_THRESHOLDS, ConfusionMatrix, ThresholdSweep
 from ray_wsss.core.storage import StorageOptions
 
 
 KINDS = ("seeds", "masks")
+STAGE = "evaluate"
 
 
 @dataclasses.dataclass
@@ -22,7 +24,11 @@ class EvaluateConfig:
     out: str | None = option(None, "where summary.json goes (default: <pred>/eval)")
     split: str | None = option(None, "comma-separated splits to score (default: all)")
     threshold: float | None = option(None, "seeds: score at this background threshold instead of sweeping")
+    break_lock: bool = ownership.break_lock_option()
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
+
+    def out_uri(self) -> str:
+        return self.out or storage.join(self.pred, "eval")
 
 
 class _BatchScorer:
@@ -55,16 +61,17 @@ class _BatchScorer:
                 "mismatched": ["\n".join(mismatched)]}
 
 
+@ownership.owns_output(STAGE, inputs=("data",), contains_out=("pred",), out=EvaluateConfig.out_uri)
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Score a seeds or masks stage against the ground-truth masks; writes summary.json."""
+    """Score a seeds or masks stage against the ground-truth masks; commits summary.json (see out_uri)."""
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
     import ray
 
     from ray_wsss.harness import batch_stage
-    from ray_wsss.core import storage
 
     if cfg.kind not in KINDS:
         raise ValueError(f"--kind must be one of {KINDS}, got {cfg.kind!r}")
+    commit.claim(cfg.out_uri(), STAGE, cfg.storage)
     timer = batch_stage.Timer()
     class_names = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)["class_names"]
     num_classes = len(class_names)
@@ -96,8 +103,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
                "fn": result["fn"], "per_class": result["per_class"], "seconds": timer.seconds()}
     if "curve" in result:
         summary["curve"] = result["curve"]
-    out = cfg.out or storage.join(cfg.pred, "eval")
-    storage.write_json(storage.join(out, "summary.json"), summary, cfg.storage)
+    commit.write_output(cfg.out_uri(), "summary.json", storage.json_bytes(summary), cfg.storage)
+    commit.commit_outputs(cfg.out_uri(), STAGE, {}, cfg.storage)
     return summary
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from ray_wsss.core import codec, schema, storage
-from ray_wsss.core import commit
+from ray_wsss.core import commit, ownership
 from ray_wsss.harness import batch_stage
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.errors import RecordError
@@ -50,6 +50,7 @@ class ExtractSeedsConfig:
     num_actors: int | None = option(None, "actor pool size (default: the cluster's GPUs, or CPUs minus one)")
     max_errors: int | None = option(None, "fail when more images than this fail")
     overwrite: bool = option(False, "redo a committed stage")
+    break_lock: bool = ownership.break_lock_option()
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
 
@@ -122,6 +123,7 @@ def _seed_row(image_id: str, rgb: np.ndarray, classes: list[int], scores: np.nda
 
 
 
+@ownership.owns_output(STAGE, inputs=("checkpoint", "data"))
 def run(cfg: ExtractSeedsConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
     timer = batch_stage.Timer()
@@ -182,5 +184,5 @@ def _write_contact_sheet(cfg: ExtractSeedsConfig, count: int = 6) -> None:
         gt = codec.decode_mask(sample["gt_mask"]) if sample["gt_mask"] else None
         panels.append([rgb, viz.overlay(rgb, viz.heatmap(peak)), viz.colorize(labels),
                        viz.colorize(gt) if gt is not None else None])
-    storage.write_bytes(storage.join(cfg.out, "contact_sheet.png"),
+    commit.write_output(cfg.out, "contact_sheet.png",
                         viz.contact_sheet(panels, ["image", "seeds (max)", "labels @0.5", "ground truth"]), cfg.storage)

@@ -22,7 +22,7 @@ import ray
 import ray.data
 
 from ray_wsss.core import codec, storage
-from ray_wsss.core import commit
+from ray_wsss.core import commit, ownership
 from ray_wsss.harness import batch_stage
 from ray_wsss.core import config as config_lib
 from ray_wsss.harness.cluster import CPU_POOL_RESOURCE, pool_resources
@@ -62,6 +62,7 @@ class MakeMasksConfig:
     batch_size: int = option(4, "images per batch")
     max_errors: int | None = option(None, "fail when more images than this fail")
     overwrite: bool = option(False, "redo a committed stage")
+    break_lock: bool = ownership.break_lock_option()
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def labelling(self, threshold: float) -> LabellingConfig:
@@ -151,6 +152,7 @@ def joined_records(cfg: MakeMasksConfig, split: str | None):
     return samples.join(seeds, join_type="left_outer", num_partitions=partitions, on=("image_id",))
 
 
+@ownership.owns_output(STAGE, inputs=("seeds", "data"))
 def run(cfg: MakeMasksConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
     timer = batch_stage.Timer()
@@ -212,4 +214,4 @@ def write_contact_sheet(cfg: MakeMasksConfig, threshold: float, count: int = 6) 
         panels.append([rgb, viz.colorize(seed_labels), viz.colorize(codec.decode_mask(row["mask"])),
                        viz.colorize(gt) if gt is not None else None])
     titles = ["image", f"seeds @{threshold:.2f}", "pseudo mask" + (" (CRF)" if cfg.crf else ""), "ground truth"]
-    storage.write_bytes(storage.join(cfg.out, "contact_sheet.png"), viz.contact_sheet(panels, titles), cfg.storage)
+    commit.write_output(cfg.out, "contact_sheet.png", viz.contact_sheet(panels, titles), cfg.storage)

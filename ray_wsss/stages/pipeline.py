@@ -85,7 +85,7 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
 
     def evaluation(pred: str, out: str, kind: str, split: str | None) -> Callable[[], dict[str, Any]]:
         def run_eval():
-            if storage.exists(storage.join(out, "summary.json"), opts):
+            if commit.is_committed(out, opts):
                 return {**storage.read_json(storage.join(out, "summary.json"), opts), "skipped": True}
             return evaluate.run(evaluate.EvaluateConfig(pred=pred, data=data, kind=kind, out=out, split=split, storage=opts))
         return run_eval

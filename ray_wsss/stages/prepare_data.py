@@ -11,7 +11,7 @@ import ray.data
 from ray_wsss.core import config as config_lib
 from ray_wsss.harness import batch_stage
 from ray_wsss.core import storage
-from ray_wsss.core import commit
+from ray_wsss.core import commit, ownership
 from ray_wsss.core.errors import WsssError
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.core.config import option
@@ -36,6 +36,7 @@ class PrepareConfig:
     max_size: int | None = option(None, "synthetic: largest image side (default: the generator's)")
     batch_size: int = option(16, "records per Ray Data batch")
     overwrite: bool = option(False, "redo a stage that is already committed")
+    break_lock: bool = ownership.break_lock_option()
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def splits(self) -> list[str]:
@@ -137,6 +138,7 @@ def list_records(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[tuple[s
     raise WsssError(f"unknown format {cfg.format!r}; expected one of {FORMATS}")
 
 
+@ownership.owns_output(STAGE, inputs=("src", "annotations"))
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Prepare sample shards under ``cfg.out``. Returns the job summary."""
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees

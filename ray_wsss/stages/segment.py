@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from ray_wsss.core import codec, storage
-from ray_wsss.core import commit
+from ray_wsss.core import commit, ownership
 from ray_wsss.harness import batch_stage
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.errors import RecordError, WsssError
@@ -54,6 +54,7 @@ class SegmentConfig:
     num_actors: int | None = option(None, "actor pool size (default: the cluster's GPUs, or CPUs minus one)")
     max_errors: int | None = option(None, "fail when more images than this fail")
     overwrite: bool = option(False, "redo a committed stage")
+    break_lock: bool = ownership.break_lock_option()
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def crf_config(self) -> CRFConfig | None:
@@ -104,6 +105,7 @@ class Segmenter:
 
 
 
+@ownership.owns_output(STAGE, inputs=("checkpoint", "data"))
 def run(cfg: SegmentConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
     timer = batch_stage.Timer()
@@ -171,5 +173,5 @@ def write_contact_sheet(cfg: SegmentConfig, count: int = 6) -> None:
         panels.append([codec.decode_image(sample["image"]), viz.colorize(codec.decode_mask(row["mask"])),
                        viz.colorize(gt) if gt is not None else None])
     title = "prediction" + (" (CRF)" if cfg.crf else "")
-    storage.write_bytes(storage.join(cfg.out, "contact_sheet.png"),
+    commit.write_output(cfg.out, "contact_sheet.png",
                         viz.contact_sheet(panels, ["image", title, "ground truth"]), cfg.storage)

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ray_wsss.harness import batch_stage
 from ray_wsss.core import storage
-from ray_wsss.core import commit
+from ray_wsss.core import commit, ownership
 from ray_wsss.core.data.augment import ClassifierTransform
 from ray_wsss.core.methods import METHODS, default_consistency_weights
 from ray_wsss.core.methods.acr import ACRLossConfig, acr_losses, baseline_losses
@@ -71,6 +71,7 @@ class TrainClassifierConfig:
     name: str = option("train", "run name; rerunning with the same name resumes")
     max_failures: int = option(2, "worker failures to recover from")
     seed: int = option(0, "random seed")
+    break_lock: bool = ownership.break_lock_option()
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def vit_config(self) -> ViTConfig:
@@ -216,6 +217,7 @@ def split_dataset(data: str, split: str, options: StorageOptions | None, columns
     return batch_stage.read_committed(data, "samples", options, columns=columns, split=split)
 
 
+@ownership.owns_output(STAGE, inputs=("data", "weights"))
 def run(cfg: TrainClassifierConfig) -> dict[str, Any]:
     """Train and return the job summary (final losses, held-out metrics, checkpoint URI)."""
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees

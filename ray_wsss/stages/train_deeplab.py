@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ray_wsss.core import codec, storage
-from ray_wsss.core import commit
+from ray_wsss.core import commit, ownership
 from ray_wsss.harness import batch_stage
 from ray_wsss.core.data.seg_augment import SegmentationTransform
 from ray_wsss.core.errors import WsssError
@@ -73,6 +73,7 @@ class TrainDeepLabConfig:
     name: str = option("deeplab", "run name; rerunning with the same name resumes")
     max_failures: int = option(2, "worker failures to recover from")
     seed: int = option(0, "random seed")
+    break_lock: bool = ownership.break_lock_option()
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def deeplab_config(self) -> DeepLabConfig:
@@ -263,6 +264,7 @@ def validation_records(cfg: TrainDeepLabConfig) -> ray.data.Dataset:
     return samples.map_batches(lambda t: t.filter(pc.is_valid(t["gt_mask"])), batch_format="pyarrow").materialize()
 
 
+@ownership.owns_output(STAGE, inputs=("data", "masks", "backbone_weights"))
 def run(cfg: TrainDeepLabConfig) -> dict[str, Any]:
     """Train and return the job summary (final loss, held-out mIoU, checkpoint URI)."""
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
