@@ -74,7 +74,7 @@ def test_reset_deletes_exactly_the_journaled_files_and_nested_evaluation(root):
     out = storage.join(root, "masks")
     _committed_stage(out)
     evaluation = storage.join(out, "eval")  # the evaluate stage's default out: <pred>/eval
-    commit.claim(evaluation, "evaluate")
+    commit.claim(evaluation, "evaluate", inputs=[out + "/", storage.join(root, "data")])
     commit.write_output(evaluation, "summary.json", b"{}")
     commit.commit_outputs(evaluation, "evaluate", {})
     storage.write_bytes(storage.join(root, "beside.txt"), b"next to the out, not in it")
@@ -93,7 +93,7 @@ def test_reset_refuses_when_unknown_files_remain_and_deletes_nothing(root, where
     out = storage.join(root, "masks")
     _committed_stage(out)
     if where.startswith("eval/"):
-        commit.claim(storage.join(out, "eval"), "evaluate")
+        commit.claim(storage.join(out, "eval"), "evaluate", inputs=[out])
         commit.commit_outputs(storage.join(out, "eval"), "evaluate", {})
     storage.write_bytes(storage.join(out, where), b"the user's")
     before = _snapshot(out)
@@ -110,6 +110,18 @@ def test_an_evaluation_without_journal_blocks_the_reset(tmp_path):
     storage.write_json(storage.join(out, "eval", "summary.json"), {"miou": 0.3})
     with pytest.raises(OwnershipError, match="eval/summary.json"):
         commit.reset_stage(out, stage="seeds")
+
+
+def test_a_nested_output_that_does_not_read_the_stage_blocks_the_reset(tmp_path):
+    out = str(tmp_path / "seeds")
+    _committed_stage(out, "seeds")
+    other = storage.join(out, "prepared")  # some other stage's output, put inside by hand
+    commit.claim(other, "prepare", inputs=[str(tmp_path / "VOC2012")])
+    commit.write_output(other, "dataset.json", b"{}")
+    before = _snapshot(out)
+    with pytest.raises(OwnershipError, match=r"prepared holds the output of stage 'prepare', which does not read"):
+        commit.reset_stage(out, stage="seeds")
+    assert _snapshot(out) == before
 
 
 def test_a_locked_nested_output_blocks_the_reset(tmp_path):

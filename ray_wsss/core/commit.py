@@ -21,10 +21,11 @@ Ownership: a stage deletes only what it provably wrote.
   ``_SUCCESS`` and ``_staging/``. Any other file in the out (a user's ``notes.txt``, an output of an
   older version that kept no journal) makes it refuse, naming the files, before deleting anything.
 - Nested stage outputs: an evaluation writes ``<pred>/eval/`` by default, a stage output of its own
-  (with its own journal) inside the stage it scores. Resetting the scored stage resets it too, by
-  its own journal, since its figures describe data that is being replaced (make_masks reads its
-  threshold from ``<seeds>/eval/summary.json``); if it is locked or holds unknown files, the reset
-  refuses.
+  (with its own journal) inside the stage it scores. A nested output whose journal lists the out
+  among its inputs is derived from it, and is reset with it, by its own journal: its figures
+  describe data that is being replaced (make_masks reads its threshold from
+  ``<seeds>/eval/summary.json``). Any other nested stage output, a locked one, or one holding
+  unknown files makes the reset refuse.
 
 Every step keeps a marker in place (the journal is written before ``_SUCCESS`` goes, ``_staging/``
 goes last), so a crash at any point leaves an out that is still recognisably the stage's.
@@ -45,7 +46,7 @@ import pyarrow.parquet as pq
 
 from ray_wsss.core.errors import OwnershipError, StageNotCommittedError, WsssError
 from ray_wsss.core.storage import (StorageOptions, check_bucket, delete, exists, file_sizes, is_s3, join, list_entries,
-                                   list_files, read_json, resolve, write_bytes, write_json)
+                                   list_files, path_components, read_json, resolve, write_bytes, write_json)
 
 SUCCESS_FILE = "_SUCCESS"
 STAGING_DIR = "_staging"
@@ -93,6 +94,7 @@ class Journal:
     files: set[str]
     dirs: set[str]
     committed: bool
+    inputs: set[str] = dataclasses.field(default_factory=set)  # URIs the stage reads (if it said so)
     manifest: dict = dataclasses.field(default_factory=dict)  # the committed manifest, as read
     entries: list[str] = dataclasses.field(default_factory=list)  # names at the out's top level
 
@@ -118,7 +120,8 @@ def _journal_from(out: str, entries: list[str], options: StorageOptions | None) 
     dirs = set(manifest.get("dirs", [])) | set(owner.get("dirs", []))
     for rel in files | dirs:
         _check_relative(out, rel)
-    return Journal(manifest.get("stage") or owner.get("stage"), files, dirs, committed, manifest, entries)
+    inputs = set(manifest.get("inputs", [])) | set(owner.get("inputs", []))
+    return Journal(manifest.get("stage") or owner.get("stage"), files, dirs, committed, inputs, manifest, entries)
 
 
 def _check_relative(out: str, rel: str) -> None:
@@ -146,14 +149,19 @@ def check_claimable(out: str, stage: str | None, options: StorageOptions | None 
     return journal
 
 
-def claim(out: str, stage: str | None, options: StorageOptions | None = None, dirs: Iterable[str] = ()) -> None:
-    """Make ``out`` this stage's before anything else is written there (resuming its own earlier work is fine)."""
+def claim(out: str, stage: str | None, options: StorageOptions | None = None, dirs: Iterable[str] = (),
+          inputs: Iterable[str | None] = ()) -> None:
+    """Make ``out`` this stage's before anything else is written there (resuming its own earlier work is fine).
+
+    ``inputs``: URIs the stage reads, kept in the journal; a stage output nested inside one of them
+    is reset with it (see the module docstring).
+    """
     check_claimable(out, stage, options)
-    record(out, (), options, dirs=dirs, stage=stage)
+    record(out, (), options, dirs=dirs, stage=stage, inputs=inputs)
 
 
 def record(out: str, files: Iterable[str], options: StorageOptions | None = None, dirs: Iterable[str] = (),
-           stage: str | None = None) -> Journal:
+           stage: str | None = None, inputs: Iterable[str | None] = ()) -> Journal:
     """Journal files (paths relative to ``out``) and whole folders the stage is about to write.
 
     Refuses a path that exists but is not journaled already: it is not the stage's to replace.
@@ -168,13 +176,16 @@ def record(out: str, files: Iterable[str], options: StorageOptions | None = None
     if taken:
         raise OwnershipError(f"{out}: {_quote(taken)} exist(s) but this stage did not write them (they are not in "
                              "its journal); refusing to replace them. Move them away or choose another --out")
+    new_inputs = {uri for uri in inputs if uri} - journal.inputs
     journal.files |= new_files
     journal.dirs |= new_dirs
+    journal.inputs |= new_inputs
     journal.stage = journal.stage or stage
+    changed = bool(new_files or new_dirs or new_inputs)
     if journal.committed:
-        if new_files or new_dirs:
+        if changed:
             write_json(join(out, SUCCESS_FILE), {**journal.manifest, **_journal_fields(journal)}, options)
-    elif new_files or new_dirs or _read_json_or_none(_journal_uri(out), options) is None:
+    elif changed or _read_json_or_none(_journal_uri(out), options) is None:
         write_json(_journal_uri(out), _journal_fields(journal), options)
     return journal
 
@@ -192,7 +203,8 @@ def _existing(out: str, paths: set[str], top_level: list[str], options: StorageO
 
 
 def _journal_fields(journal: Journal) -> dict:
-    return {"stage": journal.stage, "files": sorted(journal.files), "dirs": sorted(journal.dirs)}
+    return {"stage": journal.stage, "files": sorted(journal.files), "dirs": sorted(journal.dirs),
+            "inputs": sorted(journal.inputs)}
 
 
 def write_output(out: str, name: str, data: bytes, options: StorageOptions | None = None) -> None:
@@ -224,6 +236,11 @@ def _plan_reset(out: str, journal: Journal, options: StorageOptions | None) -> d
     for root in nested_roots:
         child = join(out, root)
         child_journal = read_journal(child, options)
+        if path_components(out) not in {path_components(uri) for uri in child_journal.inputs}:
+            raise OwnershipError(
+                f"--overwrite refused: {child} holds the output of stage {child_journal.stage or 'unknown'!r}, which "
+                f"does not read {out} (its inputs: {sorted(child_journal.inputs) or 'not recorded'}); it is not "
+                f"this stage's to delete. Move it out of {out} and rerun")
         nested[root] = (child_journal, _plan_reset(child, child_journal, options))
     unknown = [rel for rel in present if rel not in journal.files and not _covered(rel, set(nested_roots))]
     if unknown:

@@ -39,13 +39,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 _held: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("ray_wsss_held_locks", default=frozenset())
 
 
-def _components(uri: str) -> tuple[str, ...]:
-    """A URI as comparable path components: ``("s3:", bucket, ...)``, or the local realpath's."""
-    if storage.is_s3(uri):
-        return ("s3:", *[p for p in uri[len("s3://"):].split("/") if p])
-    return tuple(p for p in os.path.realpath(os.path.expanduser(uri)).split(os.sep) if p)
-
-
 def check_out_uri(out: str, inputs: Iterable[str | None], contains_out: Iterable[str | None] = ()) -> None:
     """Refuse an out that is a bucket root, equal to or inside an input, or equal to one of ``contains_out``.
 
@@ -56,15 +49,15 @@ def check_out_uri(out: str, inputs: Iterable[str | None], contains_out: Iterable
     if storage.is_bucket_root(out):
         raise OwnershipError(f"--out {out} is a bucket root: other data shares the bucket, so a stage never "
                              "writes (or resets) there; give a prefix, e.g. s3://bucket/runs/name")
-    target = _components(out)
+    target = storage.path_components(out)
     for uri in (u for u in inputs if u):
-        source = _components(uri)
+        source = storage.path_components(uri)
         if target[:len(source)] == source:
             where = "is" if target == source else "is inside"
             raise OwnershipError(f"--out {out} {where} the stage's input {uri}: a stage never writes into what "
                                  "it reads (--overwrite would delete it); choose another --out")
     for uri in (u for u in contains_out if u):
-        if target == _components(uri):
+        if target == storage.path_components(uri):
             raise OwnershipError(f"--out {out} is the stage's input {uri}; choose another --out")
 
 

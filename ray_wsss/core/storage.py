@@ -45,6 +45,16 @@ def bucket_of(uri: str) -> str:
     return uri[len("s3://"):].split("/", 1)[0]
 
 
+def path_components(uri: str) -> tuple[str, ...]:
+    """``uri`` as comparable path components: ``("s3:", bucket, *keys)``, or the local realpath's parts.
+
+    ``a[:len(b)] == b`` then says "a is b or inside it" (``s3://b/data2`` is not inside ``s3://b/data``).
+    """
+    if is_s3(uri):
+        return ("s3:", *[p for p in uri[len("s3://"):].split("/") if p])
+    return tuple(p for p in os.path.realpath(os.path.expanduser(uri)).split(os.sep) if p)
+
+
 def is_bucket_root(uri: str) -> bool:
     """``s3://bucket`` or ``s3://bucket/``: never a stage's output (other data shares the bucket)."""
     return is_s3(uri) and not uri[len("s3://"):].strip("/").partition("/")[2]

@@ -71,7 +71,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
     if cfg.kind not in KINDS:
         raise ValueError(f"--kind must be one of {KINDS}, got {cfg.kind!r}")
-    commit.claim(cfg.out_uri(), STAGE, cfg.storage)
+    commit.claim(cfg.out_uri(), STAGE, cfg.storage, inputs=[cfg.pred, cfg.data])
     timer = batch_stage.Timer()
     class_names = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)["class_names"]
     num_classes = len(class_names)
