@@ -71,3 +71,35 @@ def test_explicit_options_override_environment(s3_bucket, s3_endpoint, monkeypat
     opts = storage.StorageOptions(endpoint_url=s3_endpoint)
     storage.write_bytes(s3_bucket + "/k", b"v", opts)
     assert storage.read_bytes(s3_bucket + "/k", opts) == b"v"
+
+
+def _bucket_names(endpoint):
+    import boto3
+
+    return {b["Name"] for b in boto3.client("s3", endpoint_url=endpoint).list_buckets()["Buckets"]}
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "eu-west-1"])
+def test_missing_bucket_is_named_and_never_created(s3_endpoint, region):
+    # Outside us-east-1, s3fs's makedirs used to create the bucket silently (in the client's region).
+    opts = storage.StorageOptions(region=region)
+    bucket = f"no-such-bucket-{region}"
+    with pytest.raises(WsssError, match=f"bucket '{bucket}' does not exist.*never creates buckets"):
+        storage.write_bytes(f"s3://{bucket}/run/x.json", b"{}", opts)
+    fs, path = storage.resolve(f"s3://{bucket}/run/table", opts)  # what Ray Data and Ray Train call
+    with pytest.raises(FileNotFoundError, match=f"bucket '{bucket}' does not exist"):
+        fs.create_dir(path, recursive=True)
+    with pytest.raises(WsssError, match=f"bucket '{bucket}' does not exist"):
+        storage.read_bytes(f"s3://{bucket}/data/dataset.json", opts)
+    with pytest.raises(WsssError, match=f"bucket '{bucket}' does not exist"):
+        commit.read_table(f"s3://{bucket}/data", "samples", opts)
+    with pytest.raises(WsssError, match=f"bucket '{bucket}' does not exist"):
+        storage.create_exclusive(f"s3://{bucket}/run/_LOCK", b"{}", opts)
+    assert bucket not in _bucket_names(s3_endpoint)
+
+
+def test_create_dir_in_an_existing_bucket_makes_nothing(s3_bucket, s3_endpoint):
+    fs, path = storage.resolve(s3_bucket + "/a/b")
+    fs.create_dir(path, recursive=True)
+    fs.create_dir(s3_bucket[len("s3://"):], recursive=True)  # the bucket itself: exists, fine
+    assert storage.list_files(s3_bucket) == []

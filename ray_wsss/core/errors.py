@@ -21,3 +21,11 @@ class StageNotCommittedError(WsssError):
 
 class TooManyErrorsError(WsssError):
     """A batch job produced more per-record errors than --max-errors allows."""
+
+
+class OwnershipError(WsssError):
+    """An output URI a stage may not write or delete: foreign files, another stage's output, an input, a bucket root."""
+
+
+class OutputLockedError(WsssError):
+    """Another run holds the output's lock (``<out>/_LOCK``)."""

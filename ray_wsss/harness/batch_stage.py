@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_wsss.core import commit, schema, storage
+from ray_wsss.core import commit, ownership, schema, storage
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, TooManyErrorsError, WsssError
 from ray_wsss.core.storage import StorageOptions
@@ -46,6 +47,7 @@ class StageConfig:
                                           "growing with an autoscaling cluster)", min=1)
     max_errors: int | None = option(None, "fail when more records than this fail (default: never)", min=0)
     overwrite: bool = option(False, "redo a stage that is already committed")
+    break_lock: bool = ownership.break_lock_option()
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
 
@@ -122,10 +124,15 @@ class BatchStage:
 
 # ---------------------------------------------------------------- driver side
 
-def run(cfg: StageConfig, name: str, build: Callable[[], BatchStage]) -> dict[str, Any]:
-    """Run a batch stage: skipped if committed, else every unstaged file on an actor pool, then commit."""
+def run(cfg: StageConfig, name: str, build: Callable[[], BatchStage],
+        inputs: Sequence[str | None] = ()) -> dict[str, Any]:
+    """Run a batch stage: skipped if committed, else every unstaged file on an actor pool, then commit.
+
+    Runs under the output's lock (``ownership.owns_output`` on the stage's ``run``); ``inputs`` (the URIs
+    the stage reads) go into its journal, so an output nested in an input is reset with it.
+    """
     timer = Timer()
-    skipped = begin(cfg.out, name, cfg.overwrite, cfg.storage)
+    skipped = begin(cfg.out, name, cfg.overwrite, cfg.storage, inputs)
     if skipped:
         return skipped
     stage = build()
@@ -150,11 +157,11 @@ def run(cfg: StageConfig, name: str, build: Callable[[], BatchStage]) -> dict[st
     metadata["counts"] = {**metadata.get("counts", {}), "errors": errors}
     summary = commit_tables(cfg.out, stage.table, metadata,
                             {**stage.summary, **late, "seconds": timer.seconds()}, cfg.storage,
-                            file_splits=stage.file_splits)
+                            file_splits=stage.file_splits, stage=name)
     if stage.contact_sheet is not None:
         png = stage.contact_sheet()
         if png:
-            storage.write_bytes(storage.join(cfg.out, "contact_sheet.png"), png, cfg.storage)
+            commit.write_output(cfg.out, "contact_sheet.png", png, cfg.storage)
     return summary
 
 
@@ -189,20 +196,29 @@ def _check_plan(cfg: StageConfig, stage: BatchStage) -> None:
     storage.write_json(plan_uri, {**earlier, **planned}, cfg.storage)
 
 
-def begin(out: str, stage: str, overwrite: bool, options: StorageOptions | None) -> dict[str, Any] | None:
-    """The skipped-stage summary if ``out`` is committed (and not overwriting); else prepare to run."""
-    if commit.is_committed(out, options) and not overwrite:
+def begin(out: str, stage: str, overwrite: bool, options: StorageOptions | None,
+          inputs: Sequence[str | None] = ()) -> dict[str, Any] | None:
+    """The skipped-stage summary if ``out`` is committed (and not overwriting); else claim it to run.
+
+    Runs under the output's lock (``ownership.owns_output`` on the stage's ``run``). A foreign out,
+    or another stage's, is refused; ``--overwrite`` deletes only what the stage's journal lists.
+    """
+    ownership.require_lock(out, stage)
+    journal = commit.check_claimable(out, stage, options)
+    if journal is not None and journal.committed and not overwrite:
         log.info("%s is already committed; skipping (pass --overwrite to redo it)", out)
         summary_uri = storage.join(out, "summary.json")
         previous = storage.read_json(summary_uri, options) if storage.exists(summary_uri, options) else {}
         return {**previous, "stage": stage, "out": out, "skipped": True}
     if overwrite:
-        commit.reset_stage(out, options)
+        commit.reset_stage(out, options, stage)
+    commit.claim(out, stage, options, inputs=inputs)
     return None
 
 
 def commit_tables(out: str, table: str | None, metadata: dict[str, Any], summary: dict[str, Any],
-                  options: StorageOptions | None, file_splits: dict[str, str] | None = None) -> dict[str, Any]:
+                  options: StorageOptions | None, file_splits: dict[str, str] | None = None,
+                  stage: str | None = None) -> dict[str, Any]:
     """Commit ``table`` + errors with dataset.json and summary.json (rows and errors counted from the files)."""
     final: dict[str, Any] = {}
 
@@ -213,7 +229,7 @@ def commit_tables(out: str, table: str | None, metadata: dict[str, Any], summary
         return final
 
     tables = ["errors"] if table is None else [table, "errors"]
-    commit.commit_stage(out, tables, metadata, options, make_summary, file_splits=file_splits)
+    commit.commit_stage(out, tables, metadata, options, make_summary, stage=stage, file_splits=file_splits)
     return final
 
 
@@ -256,8 +272,14 @@ def _is_staged(out: str, table: str, name: str, options: StorageOptions | None) 
 
 # ---------------------------------------------------------------- tasks (driver)
 
+def committed_files(out: str, table: str, options: StorageOptions | None) -> dict[str, str]:
+    """{file name: URI} of a committed table, each checked complete (a truncated or missing file is named)."""
+    return {posixpath.basename(uri): uri for uri in commit.table_files(out, table, options)}
+
+
 def samples_files(data: str, options: StorageOptions | None, splits: Sequence[str] | None = None) -> dict[str, str]:
     """{file name: split} of the committed sample shards, restricted to ``splits``; refuses unknown splits."""
+    committed_files(data, "samples", options)
     file_splits = commit.file_splits(data, "samples", options)
     if splits is None:
         return file_splits
@@ -276,9 +298,9 @@ def follow_samples(data: str, names: Sequence[str], options: StorageOptions | No
     for name in names:
         pairs = []
         for role, (uri, table) in (paired or {}).items():
-            files = set(commit.table_file_names(uri, table, options))
+            files = committed_files(uri, table, options)
             if name in files:
-                pairs.append((role, storage.join(uri, table, name)))
+                pairs.append((role, files[name]))
         tasks.append(FileTask(name=name, primary=storage.join(data, "samples", name), paired=tuple(pairs)))
     return tasks
 

@@ -38,7 +38,7 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ray_wsss.core import checkpoints, commit, storage
+from ray_wsss.core import checkpoints, commit, ownership, storage
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import WsssError
@@ -67,6 +67,7 @@ class TrainingConfig:
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker; the rest feed Ray Data", gt=0)
     max_failures: int = option(2, "worker failures to recover from (-1: without limit)", min=-1)
     seed: int = option(0, "random seed", min=0)
+    break_lock: bool = ownership.break_lock_option()
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def held_out_data(self) -> str:
@@ -267,7 +268,13 @@ def split_files(data: str, split: str | None, options: StorageOptions | None) ->
 
 def fit(cfg: TrainingConfig, task: type, loop_config: dict[str, Any], train_ds, tag: str,
         callbacks: list | None = None) -> tuple[str, dict[str, Any]]:
-    """Run the loop on Ray Train (resuming run ``cfg.name`` if it exists); -> (last checkpoint path, its metrics)."""
+    """Run the loop on Ray Train (resuming run ``cfg.name`` if it exists); -> (last checkpoint path, its metrics).
+
+    Claims ``cfg.out`` for stage ``tag`` first, with Ray Train's run folder ``<out>/<name>/`` in the
+    journal, so a crashed run's out is still the stage's (and its rerun resumes from that folder).
+    """
+    ownership.require_lock(cfg.out, tag)
+    commit.claim(cfg.out, tag, cfg.storage, dirs=[cfg.name], inputs=[cfg.data, cfg.val_data])
     storage_fs, storage_path = storage.resolve(cfg.out, cfg.storage)
     previous = _run_checkpoint(cfg, storage_fs, posixpath.join(storage_path, cfg.name))
     if previous:
@@ -312,8 +319,7 @@ def finish(cfg: TrainingConfig, checkpoint_path: str, started: float, fields: di
     history = [json.loads(line) for line in
                storage.read_bytes(storage.join(ckpt, METRICS_FILE), cfg.storage).decode().splitlines() if line]
     for name in (METRICS_FILE, CURVE_FILE):
-        storage.write_bytes(storage.join(cfg.out, name), storage.read_bytes(storage.join(ckpt, name), cfg.storage),
-                            cfg.storage)
+        commit.write_output(cfg.out, name, storage.read_bytes(storage.join(ckpt, name), cfg.storage), cfg.storage)
     final = history[-1] if history else {}
     summary = {
         **fields, "name": cfg.name, "checkpoint": ckpt,
@@ -322,10 +328,9 @@ def finish(cfg: TrainingConfig, checkpoint_path: str, started: float, fields: di
         "val": {k[len("val_"):]: v for k, v in final.items() if k.startswith("val_")},
         "seconds": round(time.time() - started, 2),
     }
-    storage.write_bytes(storage.join(cfg.out, "config.yaml"), config_lib.dump_yaml(cfg).encode(), cfg.storage)
-    storage.write_json(storage.join(cfg.out, "summary.json"), summary, cfg.storage)
-    storage.write_json(storage.join(cfg.out, commit.SUCCESS_FILE),
-                       {"version": commit.MANIFEST_VERSION, "checkpoint": ckpt, "tables": {}}, cfg.storage)
+    commit.write_output(cfg.out, "config.yaml", config_lib.dump_yaml(cfg).encode(), cfg.storage)
+    commit.write_output(cfg.out, "summary.json", storage.json_bytes(summary), cfg.storage)
+    commit.commit_outputs(cfg.out, fields.get("stage"), {"checkpoint": ckpt}, cfg.storage)
     return summary
 
 

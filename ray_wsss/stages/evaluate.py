@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_wsss.core import codec, commit, storage
+from ray_wsss.core import codec, commit, ownership, storage
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
@@ -106,10 +106,11 @@ class Scorer:
         return result
 
 
+@ownership.owns_output(STAGE, inputs=("data",), contains_out=("pred",), out=EvaluateConfig.out_uri)
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score a seeds or masks stage against the ground-truth masks; writes summary.json."""
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved(), out=cfg.out_uri())
-    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg))
+    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg), inputs=[cfg.pred, cfg.data])
 
 
 def _stage(cfg: EvaluateConfig) -> batch_stage.BatchStage:
@@ -119,10 +120,11 @@ def _stage(cfg: EvaluateConfig) -> batch_stage.BatchStage:
         raise WsssError(f"{cfg.pred} holds predictions over classes {pred_classes}, but {cfg.data} has {class_names}: "
                         "the class ids would mean different things")
     thresholds = (float(cfg.threshold),) if cfg.threshold is not None else parse_threshold_grid(cfg.thresholds)
+    batch_stage.committed_files(cfg.pred, cfg.kind, cfg.storage)  # complete, or named
     pred_files = commit.file_splits(cfg.pred, cfg.kind, cfg.storage)
     splits = cfg.splits()
     names = sorted(n for n, s in pred_files.items() if splits is None or s in splits)
-    samples = set(commit.table_file_names(cfg.data, "samples", cfg.storage))
+    samples = batch_stage.committed_files(cfg.data, "samples", cfg.storage)
     tasks = [batch_stage.FileTask(name=n, primary=storage.join(cfg.pred, cfg.kind, n),
                                   paired=(("samples", storage.join(cfg.data, "samples", n)),) if n in samples else ())
              for n in names]

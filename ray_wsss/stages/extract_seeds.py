@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ray_wsss.core import checkpoints, codec, storage
+from ray_wsss.core import checkpoints, codec, ownership, storage
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
@@ -109,9 +109,10 @@ def _seed_row(image_id: str, rgb: np.ndarray, classes: list[int], scores: np.nda
     return {"image_id": image_id, "height": h, "width": w, "classes": classes, "scores": codec.encode_scores(scores)}
 
 
+@ownership.owns_output(STAGE, inputs=("checkpoint", "data"))
 def run(cfg: ExtractSeedsConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
-    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg))
+    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg), inputs=[cfg.checkpoint, cfg.data])
 
 
 def _stage(cfg: ExtractSeedsConfig) -> batch_stage.BatchStage:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import ray
 
-from ray_wsss.core import codec, commit, storage
+from ray_wsss.core import codec, commit, ownership, storage
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
@@ -136,9 +136,10 @@ def crf_pool_args(cfg: MakeMasksConfig) -> dict[str, Any]:
     return {"num_cpus": cfg.num_cpus_per_task, "resources": pool_resources(CPU_POOL_RESOURCE, cfg.num_cpus_per_task)}
 
 
+@ownership.owns_output(STAGE, inputs=("seeds", "data"))
 def run(cfg: MakeMasksConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
-    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg))
+    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg), inputs=[cfg.seeds, cfg.data])
 
 
 def _stage(cfg: MakeMasksConfig) -> batch_stage.BatchStage:

@@ -6,7 +6,7 @@ import logging
 from typing import Any, ClassVar
 
 from ray_wsss.core import config as config_lib
-from ray_wsss.core import storage
+from ray_wsss.core import ownership, storage
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.harness import batch_stage
@@ -141,10 +141,11 @@ def list_records(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[tuple[s
     raise WsssError(f"unknown format {cfg.format!r}; expected one of {FORMATS}")
 
 
+@ownership.owns_output(STAGE, inputs=("src", "annotations"))
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Prepare sample shards under ``cfg.out``. Returns the job summary."""
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
-    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg))
+    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg), inputs=[cfg.src, cfg.annotations])
 
 
 def _stage(cfg: PrepareConfig) -> batch_stage.BatchStage:

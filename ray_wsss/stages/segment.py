@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ray_wsss.core import checkpoints, codec, storage
+from ray_wsss.core import checkpoints, codec, ownership, storage
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
@@ -90,9 +90,10 @@ class Segmenter:
         return rows, failures
 
 
+@ownership.owns_output(STAGE, inputs=("checkpoint", "data"))
 def run(cfg: SegmentConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
-    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg))
+    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg), inputs=[cfg.checkpoint, cfg.data])
 
 
 def _stage(cfg: SegmentConfig) -> batch_stage.BatchStage:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
 
-from ray_wsss.core import commit, metrics, storage
+from ray_wsss.core import commit, metrics, ownership, storage
 from ray_wsss.core.config import option
 from ray_wsss.core.data.augment import ClassifierTransform
 from ray_wsss.core.methods import Method, get_method, list_methods
@@ -178,6 +178,7 @@ def train_dataset(cfg: TrainClassifierConfig, num_classes: int) -> ray.data.Data
         ClassifierTransform(cfg.img_size, num_classes, train=True), batch_size=64)
 
 
+@ownership.owns_output(STAGE, inputs=("data", "val_data", "weights"))
 def run(cfg: TrainClassifierConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Train and return the job summary (final losses, held-out metrics, checkpoint URI).
 

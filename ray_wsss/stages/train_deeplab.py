@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ray.data.expressions import col
 
-from ray_wsss.core import checkpoints, codec, commit, storage, weights
+from ray_wsss.core import checkpoints, codec, commit, ownership, storage, weights
 from ray_wsss.core.config import option
 from ray_wsss.core.data.seg_augment import SegmentationTransform
 from ray_wsss.core.inference import normalize_image, predict_probs
@@ -167,7 +167,7 @@ def training_records(cfg: TrainDeepLabConfig) -> ray.data.Dataset:
         return (ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "image", "gt_mask"])
                 .filter(expr=col("gt_mask").is_not_null())
                 .rename_columns({"gt_mask": "mask"}))
-    masks = set(commit.table_file_names(cfg.masks, "masks", cfg.storage))
+    masks = set(batch_stage.committed_files(cfg.masks, "masks", cfg.storage))
     pairs = [{"samples": f, "masks": storage.join(cfg.masks, "masks", posixpath.basename(f))}
              for f in files if posixpath.basename(f) in masks]
     return ray.data.from_items(pairs, override_num_blocks=max(1, len(pairs))).flat_map(
@@ -190,7 +190,7 @@ def count_training_rows(cfg: TrainDeepLabConfig) -> int:
     files = training.split_files(cfg.data, cfg.train_split, cfg.storage)
     if cfg.gt_masks:
         return sum(_count_valid(f, "gt_mask", cfg.storage) for f in files)
-    masks = set(commit.table_file_names(cfg.masks, "masks", cfg.storage))
+    masks = set(batch_stage.committed_files(cfg.masks, "masks", cfg.storage))
     return sum(_num_rows(storage.join(cfg.masks, "masks", posixpath.basename(f)), cfg.storage)
                for f in files if posixpath.basename(f) in masks)
 
@@ -206,6 +206,7 @@ def _count_valid(uri: str, column: str, options: StorageOptions | None) -> int:
     return len(values) - values.null_count
 
 
+@ownership.owns_output(STAGE, inputs=("data", "val_data", "masks", "backbone_weights"))
 def run(cfg: TrainDeepLabConfig) -> dict[str, Any]:
     """Train and return the job summary (final loss, held-out mIoU, checkpoint URI)."""
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
