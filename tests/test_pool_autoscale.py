@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from ray_wsss.core import ownership
 from ray_wsss.harness import batch_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +74,12 @@ def test_the_pool_grows_onto_a_node_that_joins_mid_stage(growing_cluster, tmp_pa
     stage = batch_stage.BatchStage(name="slow", table=None, worker=_SlowWorker, worker_args=(2.0,), tasks=tasks,
                                    metadata={}, summary={}, reduce=reduce)
     cfg = batch_stage.StageConfig(out=str(tmp_path / "out"), batch_size=1)
-    runner = threading.Thread(target=batch_stage.run, args=(cfg, "slow", lambda: stage), daemon=True)
+
+    def run_stage():
+        with ownership.OutputLock(cfg.out, "slow"):  # what a stage's run() does (owns_output)
+            batch_stage.run(cfg, "slow", lambda: stage)
+
+    runner = threading.Thread(target=run_stage, daemon=True)
     runner.start()
     deadline = time.time() + 300
     while not results and time.time() < deadline:  # the stage is under way on the head's one CPU
