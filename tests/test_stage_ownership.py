@@ -114,7 +114,8 @@ def test_killed_run_is_resumed_with_break_lock(tmp_path):
     # A run killed mid-way: its claim, part of its rows staged, and its lock left behind.
     out = str(tmp_path / "data")
     commit.claim(out, "prepare")
-    commit.write_staged_table(out, "samples", commit.read_table(full, "samples").slice(0, 5))
+    staged = storage.join(commit.staging_uri(out, "samples"), "train-00000.parquet")  # one file made before the kill
+    storage.write_bytes(staged, storage.read_bytes(storage.join(full, "samples", "train-00000.parquet")))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     holder = {"run_id": "killed", "host": socket.gethostname(), "pid": dead.pid, "started": "2026-11-29T10:00:00Z",
