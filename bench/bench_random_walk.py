@@ -53,10 +53,10 @@ def scenes(count: int) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
 def _walk_inputs(logt: int):
     import torch
 
-    from ray_wsss.core.refine import psa
+    from ray_wsss.core import affinity_pairs
 
-    grid_h, grid_w = psa.grid_size(HEIGHT, WIDTH)
-    _, second = psa.pair_indices(grid_h, grid_w, 5)
+    grid_h, grid_w = affinity_pairs.grid_size(HEIGHT, WIDTH)
+    _, second = affinity_pairs.pair_indices(grid_h, grid_w, 5)
     generator = torch.Generator().manual_seed(0)
     return torch.rand(second.shape, generator=generator), torch.rand(3, grid_h, grid_w, generator=generator)
 
@@ -79,7 +79,7 @@ def measure_dense_walk(logt: int) -> dict:
     """In a fresh process: infer_aff.py's dense float32 walk (A, T = A / A.sum(0), logt squarings, cam @ T)."""
     import torch
 
-    from ray_wsss.core.refine import psa
+    from ray_wsss.core import affinity_pairs
 
     torch.set_num_threads(1)
     affinity, scores = _walk_inputs(logt)
@@ -87,7 +87,7 @@ def measure_dense_walk(logt: int) -> dict:
     count = grid_h * grid_w
     before = peak_rss_mb()
     start = time.perf_counter()
-    first, second = (torch.from_numpy(i) for i in psa.pair_indices(grid_h, grid_w, 5))
+    first, second = (torch.from_numpy(i) for i in affinity_pairs.pair_indices(grid_h, grid_w, 5))
     first = first.expand_as(second)
     dense = torch.eye(count)
     dense[first.reshape(-1), second.reshape(-1)] = affinity.reshape(-1)
