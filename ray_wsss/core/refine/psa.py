@@ -293,23 +293,65 @@ def walk_seeds(seeds: np.ndarray, cfg: PSAConfig) -> Tensor:
     return pool_to_stride(torch.from_numpy(np.concatenate([background[None], seeds])))
 
 
-def infer_mask(image: np.ndarray, seeds: np.ndarray, classes: Sequence[int], model: nn.Module,
-               cfg: PSAConfig) -> np.ndarray:
-    """uint8 image [H, W, 3], seeds [k, H, W] of ``classes`` and an AffinityNet -> uint8 mask [H, W].
+def walk_scores(image: np.ndarray, seeds: np.ndarray, classes: Sequence[int], model: nn.Module,
+                cfg: PSAConfig) -> np.ndarray:
+    """uint8 image [H, W, 3], seeds [k, H, W] of ``classes`` and an AffinityNet -> float32 scores [k + 1, H, W]
+    (background first): the walk's result at image size, before the argmax.
 
     infer_aff.py, step by step: the image's affinities (:func:`image_affinities`), the seeds with their
     background at stride 8 (:func:`walk_seeds`), the walk (:func:`random_walk`), then bilinear upsampling
     (align_corners=False, PyTorch >= 0.4's ``nn.Upsample`` default, the version PSA names) to the padded
-    size, cropped to H x W, argmax. Values: 0 background or the ids in ``classes``.
+    size, cropped to H x W. Without classes the background channel alone: every pixel is background.
     """
-    scores, ids = _check_seeds(seeds, classes)
+    scores, _ = _check_seeds(seeds, classes)
     image = _check_image(image, scores.shape[1:])
     height, width = scores.shape[1:]
-    if len(ids) == 0:  # only the background channel: the argmax is background everywhere
-        return np.zeros((height, width), np.uint8)
+    if len(scores) == 0:
+        return np.ones((1, height, width), np.float32)
     affinity = image_affinities(image, model, cfg.radius)
     walked = random_walk(walk_seeds(scores, cfg).to(affinity.device), affinity, cfg.radius, cfg.beta, cfg.logt)
     grid_h, grid_w = walked.shape[1:]
     upsampled = F.interpolate(walked[None], size=(grid_h * STRIDE, grid_w * STRIDE), mode="bilinear",
                               align_corners=False)[0, :, :height, :width]
-    return np.concatenate([[0], ids]).astype(np.uint8)[upsampled.argmax(0).cpu().numpy()]
+    return upsampled.float().cpu().numpy()
+
+
+def infer_mask(image: np.ndarray, seeds: np.ndarray, classes: Sequence[int], model: nn.Module,
+               cfg: PSAConfig) -> np.ndarray:
+    """uint8 image [H, W, 3], seeds [k, H, W] of ``classes`` and an AffinityNet -> uint8 mask [H, W]: the argmax
+    of :func:`walk_scores` (infer_aff.py). Values: 0 background or the ids in ``classes``."""
+    _, ids = _check_seeds(seeds, classes)
+    scores = walk_scores(image, seeds, classes, model, cfg)
+    return np.concatenate([[0], ids]).astype(np.uint8)[scores.argmax(0)]
+
+
+# ---------------------------------------------------------------- held-out check of an AffinityNet
+
+def labels_at_stride(mask: np.ndarray) -> np.ndarray:
+    """uint8 mask [H, W] (255 = ignore) -> uint8 labels [ceil(H/8), ceil(W/8)] of its pure 8 x 8 blocks.
+
+    A block whose in-image pixels all carry one class (0 included) gets it; a block mixing classes or
+    holding an ignored pixel gets 255. So the pairs of two labelled blocks have a known truth: this is how
+    a ground-truth mask scores an AffinityNet (:func:`pair_accuracy_counts`), not how PSA trains one.
+    """
+    mask = np.asarray(mask)
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise ValueError(f"mask must be uint8 [H, W], got {mask.dtype} {mask.shape}")
+    grid_h, grid_w = grid_size(*mask.shape)
+    padded = np.full((grid_h * STRIDE, grid_w * STRIDE), -1, np.int16)  # -1: outside the image
+    padded[:mask.shape[0], :mask.shape[1]] = mask
+    blocks = padded.reshape(grid_h, STRIDE, grid_w, STRIDE).transpose(0, 2, 1, 3).reshape(grid_h, grid_w, -1)
+    inside = blocks >= 0
+    low = np.where(inside, blocks, IGNORE_INDEX + 1).min(-1)
+    high = blocks.max(-1)
+    return np.where(low == high, high, IGNORE_INDEX).astype(np.uint8)
+
+
+def pair_accuracy_counts(affinity: Tensor, labels: Tensor, radius: int) -> np.ndarray:
+    """Affinities [..., n_displacements, M] and their grid's labels [..., h, w] -> int64 counts
+    [positive pairs with affinity > 0.5, positive pairs, negative pairs with affinity <= 0.5, negative pairs]."""
+    pairs = pair_labels(labels, radius)
+    positive = pairs.bg_pos | pairs.fg_pos
+    close = affinity > 0.5
+    return np.array([int((positive & close).sum()), int(positive.sum()),
+                     int((pairs.neg & ~close).sum()), int(pairs.neg.sum())], np.int64)
