@@ -64,7 +64,8 @@ class AffinityCropTransform:
         return image.contiguous(), target.contiguous()
 
 
-def decode_labelled_image(image_id: str, image_bytes: bytes, label_bytes: bytes | None) -> tuple[np.ndarray, np.ndarray]:
+def decode_labelled_image(image_id: str, image_bytes: bytes,
+                          label_bytes: bytes | None) -> tuple[np.ndarray, np.ndarray]:
     """Decode an image and its affinity labels; RecordError when the labels are missing or not its grid."""
     if label_bytes is None:
         raise RecordError(image_id, "no affinity labels to train on")
@@ -75,6 +76,6 @@ def decode_labelled_image(image_id: str, image_bytes: bytes, label_bytes: bytes 
         raise RecordError(image_id, f"cannot decode image or affinity labels: {type(err).__name__}: {err}") from err
     expected = grid_size(*rgb.shape[:2])
     if grid.shape != expected:
-        raise RecordError(image_id, f"affinity labels are {grid.shape[0]}x{grid.shape[1]} but the "
-                                    f"{rgb.shape[0]}x{rgb.shape[1]} image's stride-8 grid is {expected[0]}x{expected[1]}")
+        raise RecordError(image_id, f"affinity labels are {grid.shape[0]}x{grid.shape[1]} but the {rgb.shape[0]}x"
+                                    f"{rgb.shape[1]} image's stride-8 grid is {expected[0]}x{expected[1]}")
     return rgb, grid
