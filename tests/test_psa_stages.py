@@ -189,7 +189,8 @@ def test_masks_config_pairs_method_and_affinity():
     walk = make_masks.MakeMasksConfig(method="psa+crf", affinity="a", background="power", power_alpha=16, psa_logt=6)
     assert walk.labelling(0.4).crf and not dataclasses.replace(walk, method="psa").labelling(0.4).crf
     cfg = walk.psa_config(0.4, radius=4)
-    assert (cfg.radius, cfg.logt, cfg.infer_background, cfg.infer_alpha, cfg.infer_threshold) == (4, 6, "power", 16, 0.4)
+    assert (cfg.radius, cfg.logt, cfg.infer_background) == (4, 6, "power")
+    assert (cfg.infer_alpha, cfg.infer_threshold) == (16, 0.4)
     with pytest.raises(ValueError, match="holds no pair at radius 5"):
         train_affinity.TrainAffinityConfig(crop=64)
     with pytest.raises(ValueError, match="high_alpha"):
@@ -220,7 +221,8 @@ def test_affinity_labels_stage_writes_the_labels_of_each_image_at_stride_8(label
         seen |= set(np.unique(labels).tolist())
     assert {0, schema.IGNORE_INDEX} < seen  # background, ignored cells and some foreground class
     meta = storage.read_json(storage.join(cfg.out, "dataset.json"))
-    assert meta["table"] == "affinity_labels" and meta["label_crf"] and (meta["low_alpha"], meta["high_alpha"]) == (1, 12)
+    assert meta["table"] == "affinity_labels" and meta["label_crf"]
+    assert (meta["low_alpha"], meta["high_alpha"]) == (1, 12)
     assert (Path(cfg.out) / "contact_sheet.png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -289,22 +291,23 @@ def test_random_walk_masks_resume_with_exact_ids(affinity_run, data, seeds, tmp_
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_pipeline_with_psa_masks_end_to_end(ray_local, tmp_path):
-    """prepare -> classifier -> seeds -> evaluation -> affinity labels -> AffinityNet -> walk masks -> evaluation."""
+def test_pipeline_with_psa_masks_end_to_end(data, tmp_path):
+    """(the prepared data) -> classifier -> seeds -> evaluation -> affinity labels -> AffinityNet -> walk masks
+    -> evaluation, stopping there (``until``): the stages after the masks are the default pipeline's."""
     cfg = pipeline.PipelineConfig(
-        out=str(tmp_path / "run"), until="eval_masks",
-        prepare=dict(num_train=8, num_val=4, batch_size=4),
+        out=str(tmp_path / "run"), data=data, until="eval_masks",
         train=dict(model="vit_tiny_patch16_224", depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8,
                    batch_size=8, lr=1e-3, warmup_epochs=0.0, epochs=1, cpus_per_worker=1.0, max_failures=0),
         seeds=dict(flip=False, batch_size=4, num_actors=1),
         affinity_labels=dict(num_actors=1),
-        affinity=dict(TINY_AFFINITY, batch_size=4, cpus_per_worker=1.0),
+        affinity=dict(TINY_AFFINITY, batch_size=6, cpus_per_worker=1.0),
         masks=dict(method="psa", psa_logt=5, batch_size=4, num_actors=1))
     summary = pipeline.run(cfg)
     assert [row["stage"] for row in summary["stages"]] == ["prepare", "train", "seeds", "eval_seeds",
                                                            "affinity_labels", "affinity", "masks", "eval_masks"]
-    assert summary["masks_method"] == "psa" and not any(row["skipped"] for row in summary["stages"])
-    train_ids = {r["image_id"] for r in commit.read_table(cfg.uri("data"), "samples").to_pylist() if r["split"] == "train"}
+    assert summary["masks_method"] == "psa"
+    assert [row["stage"] for row in summary["stages"] if row["skipped"]] == ["prepare"]  # --data is prepared
+    train_ids = {r["image_id"] for r in commit.read_table(data, "samples").to_pylist() if r["split"] == "train"}
     labels = commit.read_table(cfg.uri("affinity_labels"), "affinity_labels").column("image_id").to_pylist()
     masks = commit.read_table(cfg.uri("masks"), "masks").column("image_id").to_pylist()
     assert sorted(labels) == sorted(masks) == sorted(train_ids)
