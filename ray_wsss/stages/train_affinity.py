@@ -54,7 +54,8 @@ class TrainAffinityConfig(training.TrainingConfig):
     epochs: int = option(8, "epochs (PSA: 8)", min=1)
     batch_size: int = option(8, "batch size per worker (PSA: 8)", min=1)
     labels: str = option("runs/default/affinity_labels", "affinity labels URI (jobs/affinity_labels.py's --out)")
-    backbone: str = option("resnet50", "timm ResNet at output stride 8 (PSA: ResNet-38, which timm does not have)")
+    backbone: str = option("resnet18", "timm ResNet at output stride 8 (PSA: ResNet-38, which timm does not have; "
+                                       "resnet50 or deeper comes closer)")
     backbone_weights: str | None = option(None, "the backbone's timm state dict (.safetensors or torch file), local "
                                                 "or s3://; freezes its BatchNorms and stem, as PSA")
     crop: int = option(96, "training crop, a multiple of 8 pixels (PSA: 448)", min=STRIDE)
