@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_wsss.core import codec
 from ray_wsss.core.affinity_pairs import STRIDE, grid_size
 from ray_wsss.core.data.augment import normalize
+from ray_wsss.core.data.seg_augment import decode_image_and_mask
 from ray_wsss.core.errors import RecordError
 from ray_wsss.core.schema import IGNORE_INDEX
 
@@ -67,13 +67,7 @@ class AffinityCropTransform:
 def decode_labelled_image(image_id: str, image_bytes: bytes,
                           label_bytes: bytes | None) -> tuple[np.ndarray, np.ndarray]:
     """Decode an image and its affinity labels; RecordError when the labels are missing or not its grid."""
-    if label_bytes is None:
-        raise RecordError(image_id, "no affinity labels to train on")
-    try:
-        # Writable copies: torch.from_numpy warns on the read-only arrays PIL hands out.
-        rgb, grid = np.array(codec.decode_image(image_bytes)), np.array(codec.decode_mask(label_bytes))
-    except Exception as err:
-        raise RecordError(image_id, f"cannot decode image or affinity labels: {type(err).__name__}: {err}") from err
+    rgb, grid = decode_image_and_mask(image_id, image_bytes, label_bytes, "affinity labels")
     expected = grid_size(*rgb.shape[:2])
     if grid.shape != expected:
         raise RecordError(image_id, f"affinity labels are {grid.shape[0]}x{grid.shape[1]} but the {rgb.shape[0]}x"
