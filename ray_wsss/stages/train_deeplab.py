@@ -1,8 +1,9 @@
 """Stage 5: train DeepLab-V2 on the pseudo masks (or the ground truth) with Ray Train V2 DDP.
 
-The driver joins the sample shards with the ``masks`` table on ``image_id`` in Ray Data, where CPU
-tasks also decode and augment (random scale, pad, crop, flip); every worker runs
-:func:`train_loop_per_worker`: SGD with poly decay and a 10x LR head, cross-entropy that ignores
+The driver streams the training split's (samples, masks) file pairs through Ray Data (co-partitioned
+tables: no join, ``harness.training.paired_split_records``), where CPU tasks also decode and augment
+(random scale, pad, crop, flip); the common training loop (``harness.training``) runs
+:class:`SegmenterTask`: SGD with poly decay and a 10x LR head, cross-entropy that ignores
 255, and each epoch a single-scale mIoU on the ground-truth masks of the held-out split.
 Checkpoints go to ``<out>/<name>/`` each epoch; a rerun with the same name resumes.
 """
