@@ -1,6 +1,7 @@
 """Train AffinityNet (PSA) on affinity labels with Ray Train DDP: the model jobs/make_masks.py --method psa walks on.
 
-    python jobs/train_affinity.py --labels runs/default/affinity_labels --data runs/default/data --out runs/default/affinity
+    python jobs/train_affinity.py --labels runs/default/affinity_labels --data runs/default/data \
+        --out runs/default/affinity
     python jobs/train_affinity.py ... --backbone resnet50 --backbone-weights s3://b/resnet50.safetensors --crop 448 \
         --lr 0.1 --num-workers 8 --use-gpu                                   # PSA's recipe, on GPUs
 

@@ -126,7 +126,8 @@ def pseudo_mask(rgb: np.ndarray, scores: np.ndarray, classes: list[int], labelli
 class MaskMaker:
     """The masks worker: (sample, seeds) records -> masks rows; with a ``checkpoint_uri``, by PSA's walk."""
 
-    columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image"], "seeds": ["image_id", "classes", "scores"]}
+    columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image"],
+                                               "seeds": ["image_id", "classes", "scores"]}
     unclaimed_are_errors = ("seeds",)  # a seeds row of an image the data lacks is reported, never dropped
 
     def __init__(self, cfg: MakeMasksConfig, threshold: float, checkpoint_uri: str | None):
