@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 HEIGHT, WIDTH = 375, 500  # a typical VOC image: a 47 x 63 grid at stride 8
 
 
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:  # Linux: "VmRSS:   1234 kB"
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """The process's peak resident memory since it started or since :func:`reset_peak`."""
+    return _status_mb("VmHWM")
+
+
+def reset_peak() -> float:
+    """Reset the peak to the current resident memory (Linux >= 4.0) and return it. Without the reset, the
+    transient peak of importing torch, larger than the walk's, would hide what the walk adds."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
 
 
 def scenes(count: int) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
@@ -53,10 +69,10 @@ def scenes(count: int) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
 def _walk_inputs(logt: int):
     import torch
 
-    from ray_wsss.core.refine import psa
+    from ray_wsss.core import affinity_pairs
 
-    grid_h, grid_w = psa.grid_size(HEIGHT, WIDTH)
-    _, second = psa.pair_indices(grid_h, grid_w, 5)
+    grid_h, grid_w = affinity_pairs.grid_size(HEIGHT, WIDTH)
+    _, second = affinity_pairs.pair_indices(grid_h, grid_w, 5)
     generator = torch.Generator().manual_seed(0)
     return torch.rand(second.shape, generator=generator), torch.rand(3, grid_h, grid_w, generator=generator)
 
@@ -69,7 +85,7 @@ def measure_sparse_walk(logt: int) -> dict:
 
     torch.set_num_threads(1)
     affinity, scores = _walk_inputs(logt)
-    before = peak_rss_mb()
+    before = reset_peak()
     start = time.perf_counter()
     psa.random_walk(scores, affinity, 5, 8, logt)
     return {"seconds": time.perf_counter() - start, "added_peak_mb": peak_rss_mb() - before}
@@ -79,15 +95,15 @@ def measure_dense_walk(logt: int) -> dict:
     """In a fresh process: infer_aff.py's dense float32 walk (A, T = A / A.sum(0), logt squarings, cam @ T)."""
     import torch
 
-    from ray_wsss.core.refine import psa
+    from ray_wsss.core import affinity_pairs
 
     torch.set_num_threads(1)
     affinity, scores = _walk_inputs(logt)
     grid_h, grid_w = scores.shape[1:]
     count = grid_h * grid_w
-    before = peak_rss_mb()
+    before = reset_peak()
     start = time.perf_counter()
-    first, second = (torch.from_numpy(i) for i in psa.pair_indices(grid_h, grid_w, 5))
+    first, second = (torch.from_numpy(i) for i in affinity_pairs.pair_indices(grid_h, grid_w, 5))
     first = first.expand_as(second)
     dense = torch.eye(count)
     dense[first.reshape(-1), second.reshape(-1)] = affinity.reshape(-1)

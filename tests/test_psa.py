@@ -15,6 +15,7 @@ import timm
 import torch
 from torch import nn
 
+from ray_wsss.core import affinity_pairs
 from ray_wsss.core.models.affinitynet import EMBEDDING_DIM, AffinityNet
 from ray_wsss.core.refine import psa
 
@@ -108,14 +109,14 @@ def test_affinity_labels_reject_bad_input():
 # ---------------------------------------------------------------- pairs
 
 def test_displacements_are_psas_half_disc_in_its_order():
-    steps = psa.displacements(5)
+    steps = affinity_pairs.displacements(5)
     assert set(steps) == half_disc(5) and len(steps) == len(set(steps)) == 34
     assert steps[:4] == [(0, 1), (0, 2), (0, 3), (0, 4)] and steps[4] == (1, -4)  # PSA's order
 
 
 @pytest.mark.parametrize("height, width, radius", [(9, 12, 5), (7, 7, 3), (63, 47, 5), (3, 9, 5)])
 def test_pair_indices_are_the_brute_force_pairs_in_bounds_each_unordered_pair_once(height, width, radius):
-    first, second = psa.pair_indices(height, width, radius)
+    first, second = affinity_pairs.pair_indices(height, width, radius)
     pairs = [(int(a), int(b)) for a, b in zip(np.broadcast_to(first, second.shape).ravel(), second.ravel())]
     expected = [(y1 * width + x1, y2 * width + x2) for y1, x1, y2, x2 in brute_force_pairs(height, width, radius)]
     assert sorted(pairs) == sorted(expected)
@@ -128,7 +129,8 @@ def test_loss_terms_equal_a_naive_per_pair_loop():
     batch, dim, height, width, radius, eps = 2, 5, 9, 12, 4, psa.LOSS_EPS
     embedding = torch.from_numpy(rng.random((batch, dim, height, width)))  # float64
     labels = rng.choice(np.array([0, 2, 5, 255], np.uint8), size=(batch, height, width), p=[0.4, 0.25, 0.25, 0.1])
-    terms = psa.affinity_loss(psa.pair_affinities(embedding, radius), psa.pair_labels(torch.from_numpy(labels), radius))
+    terms = psa.affinity_loss(affinity_pairs.pair_affinities(embedding, radius),
+                              psa.pair_labels(torch.from_numpy(labels), radius))
 
     sums, counts = {"bg": 0.0, "fg": 0.0, "neg": 0.0}, {"bg": 0, "fg": 0, "neg": 0}
     f = embedding.numpy()
@@ -152,8 +154,8 @@ def test_loss_terms_equal_a_naive_per_pair_loop():
 
 def test_a_loss_term_without_pairs_is_zero():
     labels = torch.zeros(1, 8, 10, dtype=torch.uint8)  # all background: no foreground, no negative pairs
-    pairs = len(psa.displacements(3)) * 6 * 6  # radius 3 on 8 x 10: a 6 x 6 window of first pixels
-    affinity = torch.full((1, len(psa.displacements(3)), 6 * 6), 0.5)
+    pairs = len(affinity_pairs.displacements(3)) * 6 * 6  # radius 3 on 8 x 10: a 6 x 6 window of first pixels
+    affinity = torch.full((1, len(affinity_pairs.displacements(3)), 6 * 6), 0.5)
     terms = psa.affinity_loss(affinity, psa.pair_labels(labels, 3))
     assert terms.fg_pos.item() == 0 and terms.neg.item() == 0
     assert terms.bg_pos.item() == pytest.approx(-math.log(0.5 + psa.LOSS_EPS) * pairs / (pairs + psa.LOSS_EPS))
@@ -182,7 +184,7 @@ def test_sparse_walk_equals_psas_dense_matrix_power(height, width, radius, logt)
     rng = np.random.default_rng(height)
     embedding = rng.random((6, height, width)).astype(np.float32) * 3
     scores = rng.random((4, height, width)).astype(np.float32)
-    affinity = psa.pair_affinities(torch.from_numpy(embedding)[None], radius)[0]
+    affinity = affinity_pairs.pair_affinities(torch.from_numpy(embedding)[None], radius)[0]
     walked = psa.random_walk(torch.from_numpy(scores), affinity, radius, beta=8, logt=logt)
     assert walked.dtype == torch.float32
     np.testing.assert_allclose(walked.numpy(), dense_walk(embedding, scores, radius, 8, logt), atol=1e-5, rtol=0)
@@ -190,7 +192,7 @@ def test_sparse_walk_equals_psas_dense_matrix_power(height, width, radius, logt)
 
 def test_transition_matrix_is_sparse_and_row_stochastic():
     height, width, radius = 63, 47, 5  # a 500 x 375 image at stride 8
-    first, second = psa.pair_indices(height, width, radius)
+    first, second = affinity_pairs.pair_indices(height, width, radius)
     affinity = torch.rand(second.shape)
     step = psa.transition_matrix(affinity, height, width, radius, beta=8)
     assert step.layout == torch.sparse_csr and step._nnz() == height * width + 2 * second.size
@@ -258,7 +260,7 @@ def test_affinitynet_embeds_at_stride_8_and_its_affinities_are_in_0_1():
     embedding = model(x)
     assert embedding.shape == (2, EMBEDDING_DIM, 7, 9)
     affinity = model.affinities(x, 3)
-    assert affinity.shape == (2, len(psa.displacements(3)), 5 * 5)
+    assert affinity.shape == (2, len(affinity_pairs.displacements(3)), 5 * 5)
     assert ((affinity > 0) & (affinity <= 1)).all()
 
 

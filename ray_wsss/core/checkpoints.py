@@ -28,6 +28,7 @@ META_FILE = "meta.json"
 TRAIN_STATE_FILE = "train_state.pt"
 LEGACY_FILE = "model.pt"
 SEGMENTER_METHOD = "deeplab"  # what train_deeplab checkpoints say they hold
+AFFINITY_METHOD = "affinitynet"  # what train_affinity checkpoints say they hold
 
 
 def write_checkpoint_dir(directory: str, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -106,3 +107,22 @@ def load_segmenter(checkpoint_uri: str, options: StorageOptions | None,
     model = create_deeplab(model_cfg, len(state["class_names"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state["class_names"]
+
+
+def load_affinitynet(checkpoint_uri: str, options: StorageOptions | None,
+                     device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(AffinityNet in eval mode on ``device``, its meta: ``model_config`` holds the backbone, the radius it
+    was trained at and whether its BatchNorms were frozen) from a train_affinity checkpoint directory."""
+    from timm.layers import freeze_batch_norm_2d
+
+    from ray_wsss.core.models.affinitynet import AffinityNet
+
+    state = load_state(checkpoint_uri, options)
+    if state.get("method") != AFFINITY_METHOD:
+        raise WsssError(f"{checkpoint_uri} holds a {state.get('method')!r} checkpoint, not an AffinityNet one "
+                        "(jobs/train_affinity.py writes those)")
+    model = AffinityNet(state["model_config"]["backbone"])  # the trained weights cover the backbone
+    if state["model_config"].get("frozen_bn"):  # trained from backbone weights: frozen BNs hold other keys
+        model.backbone = freeze_batch_norm_2d(model.backbone)
+    model.load_state_dict(state.pop("model"))
+    return model.to(device).eval(), state

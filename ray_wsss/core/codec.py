@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from ray_wsss.core.errors import RecordError
 
 
 # The PASCAL VOC colour map, so masks open in any viewer with the colours people know.
@@ -110,3 +113,25 @@ def decode_scores(data: bytes) -> np.ndarray:
     if arr.ndim != 3:
         raise ValueError(f"scores must be [C, h, w], got shape {arr.shape}")
     return arr.astype(np.float32)
+
+
+def decode_seeded_sample(record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """A sample row (``image_id``, ``image``) with its seeds row under ``"seeds"`` -> (uint8 image [H, W, 3],
+    float32 scores [k, H, W], the k class ids); RecordError names what is missing or does not fit."""
+    image_id = record["image_id"]
+    seeds = record.get("seeds")
+    if seeds is None:
+        raise RecordError(image_id, "no seeds for this image in the seeds table")
+    try:
+        rgb = decode_image(record["image"])
+    except Exception as err:
+        raise RecordError(image_id, f"cannot decode image: {err}") from err
+    try:
+        scores = decode_scores(seeds["scores"])
+    except Exception as err:
+        raise RecordError(image_id, f"bad seed scores: {err}") from err
+    classes = [int(c) for c in seeds["classes"]]
+    if scores.shape != (len(classes), *rgb.shape[:2]):
+        raise RecordError(image_id, f"seed scores of shape {scores.shape} do not fit {len(classes)} classes "
+                                    f"of a {rgb.shape[0]}x{rgb.shape[1]} image")
+    return rgb, scores, classes

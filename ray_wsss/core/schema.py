@@ -30,13 +30,21 @@ MASKS = pa.schema([
     ("mask", pa.binary()),           # PNG uint8 class ids, 255 = ignore
 ])
 
+AFFINITY_LABELS = pa.schema([
+    ("image_id", pa.string()),
+    ("height", pa.int32()),          # the image's, as in every table
+    ("width", pa.int32()),
+    ("labels", pa.binary()),         # PNG uint8 [ceil(height/8), ceil(width/8)]: 0 background, class ids,
+])                                   # 255 = ignore (PSA's confident-region labels at the feature stride)
+
 ERRORS = pa.schema([
     ("image_id", pa.string()),
     ("stage", pa.string()),
     ("error", pa.string()),
 ])
 
-SCHEMAS = {"samples": SAMPLES, "seeds": SEEDS, "masks": MASKS, "errors": ERRORS}
+SCHEMAS = {"samples": SAMPLES, "seeds": SEEDS, "masks": MASKS, "affinity_labels": AFFINITY_LABELS,
+           "errors": ERRORS}
 
 # A batch UDF returns rows of its table plus this column: null on success, the reason otherwise.
 # `split_errors` turns such a batch into the table rows and the errors rows.

@@ -78,6 +78,12 @@ def model_actor_args(use_gpu: bool) -> dict:
     return {"num_cpus": 1}
 
 
+def cpu_pool_actor_args(num_cpus: float) -> dict:
+    """Ray remote args for CPU-bound work (the dense CRF): ``num_cpus`` on the CPU pool's nodes when the cluster
+    has that pool (so it never takes the CPUs GPU nodes keep for their model actors), plain CPUs otherwise."""
+    return {"num_cpus": num_cpus, "resources": pool_resources(CPU_POOL_RESOURCE, num_cpus)}
+
+
 # runtime_env for a local Ray started by a job or script: see quiet_worker_logging.
 LOCAL_RUNTIME_ENV = {"worker_process_setup_hook": "ray_wsss.harness.cluster.quiet_worker_logging"}
 

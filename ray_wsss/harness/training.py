@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -44,6 +45,7 @@ from ray_wsss.core.config import option
 from ray_wsss.core.errors import WsssError
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.core.viz import learning_curves_png
+from ray_wsss.harness.batch_stage import FileTask, committed_files, iter_task_records
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
@@ -258,12 +260,54 @@ def check_cpu_budget(cfg: TrainingConfig) -> None:
             f"{total:g} for Ray Data ingest; lower --cpus-per-worker (fractions are fine) or --num-workers")
 
 
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute on the driver: Ray Train (and Tune) run workers in their own directories,
+    where a relative path would name another file."""
+    return uri if storage.is_s3(uri) else os.path.abspath(uri)
+
+
 def split_files(data: str, split: str | None, options: StorageOptions | None) -> list[str]:
     """URIs of the sample files of ``split`` (every samples file holds one split)."""
     if not split:
         return []
     return [storage.join(data, "samples", name)
             for name, file_split in sorted(commit.file_splits(data, "samples", options).items()) if file_split == split]
+
+
+def paired_split_records(cfg: TrainingConfig, table_uri: str, table: str, column: str) -> ray.data.Dataset:
+    """Rows (image_id, image, ``column``) of the training split as a Ray Data dataset, streamed file by file:
+    each samples file paired with the file of the same name of ``table`` under ``table_uri`` (co-partitioned:
+    no join, no shuffle). Images without a row there are left out; a samples file without a paired file too."""
+    pairs = [{"samples": absolute_uri(samples), "paired": absolute_uri(paired)}
+             for samples, paired in _paired_files(cfg, table_uri, table)]
+    return ray.data.from_items(pairs, override_num_blocks=max(1, len(pairs))).flat_map(
+        _paired_rows, fn_kwargs={"role": table, "column": column, "options": cfg.storage})
+
+
+def count_paired_rows(cfg: TrainingConfig, table_uri: str, table: str) -> int:
+    """Rows :func:`paired_split_records` yields, from the paired files' footers (no image read)."""
+    total = 0
+    for _, paired in _paired_files(cfg, table_uri, table):
+        fs, path = storage.resolve(paired, cfg.storage)
+        total += pq.read_metadata(path, filesystem=fs).num_rows
+    return total
+
+
+def _paired_files(cfg: TrainingConfig, table_uri: str, table: str) -> list[tuple[str, str]]:
+    names = set(committed_files(table_uri, table, cfg.storage))  # complete, or named
+    return [(f, storage.join(table_uri, table, posixpath.basename(f)))
+            for f in split_files(cfg.data, cfg.train_split, cfg.storage) if posixpath.basename(f) in names]
+
+
+def _paired_rows(pair: dict[str, str], role: str, column: str, options: StorageOptions | None) -> list[dict[str, Any]]:
+    """A (samples file, paired file) pair -> its (image_id, image, column) rows, matched by id in file order."""
+    task = FileTask(name=pair["samples"], primary=pair["samples"], paired=((role, pair["paired"]),))
+    columns = {"primary": ["image_id", "image"], role: ["image_id", column]}
+    rows = []
+    for records in iter_task_records(task, columns, 64, options, []):
+        rows += [{"image_id": r["image_id"], "image": r["image"], column: r[role][column]}
+                 for r in records if r[role] is not None]
+    return rows
 
 
 def fit(cfg: TrainingConfig, task: type, loop_config: dict[str, Any], train_ds, tag: str,
@@ -279,7 +323,7 @@ def fit(cfg: TrainingConfig, task: type, loop_config: dict[str, Any], train_ds, 
     previous = _run_checkpoint(cfg, storage_fs, posixpath.join(storage_path, cfg.name))
     if previous:
         print(f"[{tag}] run {cfg.name!r} exists: resuming from checkpoint {previous}", flush=True)
-    val_files = split_files(cfg.held_out_data(), cfg.val_split, cfg.storage)
+    val_files = [absolute_uri(f) for f in split_files(cfg.held_out_data(), cfg.val_split, cfg.storage)]
     if cfg.val_split and not val_files:
         print(f"[{tag}] no {cfg.val_split!r} split in {cfg.held_out_data()}: training without held-out metrics "
               "(give --val-data URI if it lives elsewhere)", flush=True)

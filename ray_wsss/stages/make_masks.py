@@ -1,4 +1,11 @@
-"""Stage 4: seeds -> pixel pseudo masks (the `masks` contract), dense CRF on a CPU actor pool.
+"""Stage 4: seeds -> pixel pseudo masks (the `masks` contract): a dense CRF, or PSA's random walk.
+
+``--method crf`` (the default): the seeds with a background row, through a dense CRF (``core.refine.crf``), on a
+CPU actor pool. ``--method psa``: PSA's random walk (``core.refine.psa.walk_scores``) on the affinities of a
+trained AffinityNet (``--affinity``, jobs/train_affinity.py), on a GPU or CPU actor pool, each actor loading
+the model once; ``--method psa+crf``: the walk's scores then go through the same dense CRF. The walk starts
+from the seeds with the same background row as the CRF's (``--background``: a constant ``--threshold``, as
+MCTformer's run of PSA, or (1 - max)^``--power-alpha``, as PSA's own at 16).
 
 CPU steering: on clusters whose CPU nodes advertise the custom resource ``crf_pool`` (see
 cluster.yaml and ray_wsss.harness.cluster), every CRF actor asks for it, so CRF work lands only on the CPU
@@ -15,25 +22,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import ray
+import torch
 
-from ray_wsss.core import codec, commit, ownership, storage
+from ray_wsss.core import checkpoints, codec, commit, ownership, storage
 from ray_wsss.core import config as config_lib
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
-from ray_wsss.core.refine.crf import CRFConfig, LabellingConfig, make_mask
+from ray_wsss.core.refine.crf import CRFConfig, LabellingConfig, make_mask, mask_from_label_scores
+from ray_wsss.core.refine.psa import PSAConfig, walk_scores
 from ray_wsss.core.storage import StorageOptions
-from ray_wsss.harness import batch_stage
-from ray_wsss.harness.cluster import CPU_POOL_RESOURCE, pool_resources
+from ray_wsss.harness import batch_stage, training
+from ray_wsss.harness.cluster import cpu_pool_actor_args, model_actor_args
 
 log = logging.getLogger(__name__)
 STAGE = "masks"
 DEFAULT_THRESHOLD = 0.5
 NODES_DIR = "worker_nodes"  # under <out>/_staging/: one empty marker per node whose CRF actors made masks
-
+METHODS = ("crf", "psa", "psa+crf")
 
 
 @dataclasses.dataclass
@@ -42,12 +51,20 @@ class MakeMasksConfig(batch_stage.DataStageConfig):
     batch_size: int = option(4, "images per batch", min=1)
     seeds: str = option("runs/default/seeds", "seeds stage URI")
     split: str | None = option(None, "comma-separated splits (default: every split the seeds table has)")
+    method: str = option("crf", "crf: dense CRF on the seeds; psa: PSA's random walk on AffinityNet's affinities; "
+                                "psa+crf: the walk, then the dense CRF", choices=METHODS)
+    affinity: str | None = option(None, "AffinityNet checkpoint, or jobs/train_affinity.py's --out (its checkpoint); "
+                                        "for --method psa and psa+crf")
+    psa_beta: float = option(8.0, "the walk's transition matrix is D^-1 A^beta (PSA: 8)", gt=0)
+    psa_logt: int = option(8, "the walk takes 2^logt steps (PSA: 8; MCTformer's run: 6)", min=0, max=16)
     threshold: float | None = option(None, "background threshold (or --threshold-from)", min=0, max=1)
     threshold_from: str | None = option(None, "an evaluation summary.json whose best threshold to use, e.g. "
                                               "<seeds>/eval/summary.json (what the pipeline passes)")
-    background: str = option("threshold", "background score: constant threshold, or PSA (1-max)^alpha", choices=("threshold", "power"))
-    power_alpha: float = option(8.0, "alpha of the PSA background", gt=0)
-    crf: CRFConfig = dataclasses.field(default_factory=CRFConfig)  # PSA's values; --no-crf: argmax of the seeds
+    background: str = option("threshold", "background score: constant threshold, or PSA (1-max)^alpha "
+                                          "(of the seeds, or of the walk's start with --method psa)",
+                             choices=("threshold", "power"))
+    power_alpha: float = option(8.0, "alpha of the PSA background (PSA's walk: 16)", gt=0)
+    crf: CRFConfig = dataclasses.field(default_factory=CRFConfig)  # PSA's values; --method crf --no-crf: the argmax
     ignore_low: float | None = option(None, "pixels with confidence in [low, high) become 255 (off by default)", min=0, max=1)
     ignore_high: float | None = option(None, "upper end of the ignore band", min=0, max=1)
     num_cpus_per_task: float = option(1.0, "CPUs per CRF actor", gt=0)
@@ -55,43 +72,59 @@ class MakeMasksConfig(batch_stage.DataStageConfig):
     def __post_init__(self) -> None:
         if isinstance(self.crf, bool):  # MakeMasksConfig(crf=False), as YAML's `crf: false`
             self.crf = dataclasses.replace(CRFConfig(), enabled=self.crf)
+        if (self.method == "crf") == (self.affinity is not None):
+            raise ValueError(f"--method {self.method} " + ("takes no --affinity (it is for psa and psa+crf)"
+                                                           if self.method == "crf" else
+                                                           "needs --affinity: an AffinityNet checkpoint or "
+                                                           "jobs/train_affinity.py's --out"))
+
+    def walks(self) -> bool:
+        return self.method != "crf"
 
     def labelling(self, threshold: float) -> LabellingConfig:
+        """--method crf: the CRF section says whether it runs; the psa methods say it in their name."""
+        crf_on = self.crf.enabled if self.method == "crf" else self.method == "psa+crf"
         return LabellingConfig(background=self.background, threshold=threshold, power_alpha=self.power_alpha,
-                               crf=self.crf.enabled, ignore_low=self.ignore_low, ignore_high=self.ignore_high,
+                               crf=crf_on, ignore_low=self.ignore_low, ignore_high=self.ignore_high,
                                crf_config=self.crf)
 
+    def psa_config(self, threshold: float, radius: int) -> PSAConfig:
+        """The walk's settings: ``radius`` is the one AffinityNet was trained at; its start's background is the
+        CRF's (``--background``, ``--threshold``, ``--power-alpha``)."""
+        return PSAConfig(radius=radius, beta=self.psa_beta, logt=self.psa_logt, infer_background=self.background,
+                         infer_threshold=threshold, infer_alpha=self.power_alpha)
 
-def mask_row(record: dict[str, Any], labelling: LabellingConfig) -> dict[str, Any]:
-    """One sample with its seeds row (``record["seeds"]``) -> one masks row; RecordError names what is wrong."""
-    image_id = record["image_id"]
-    seeds = record.get("seeds")
-    if seeds is None:
-        raise RecordError(image_id, "no seeds for this image in the seeds table")
-    try:
-        rgb = codec.decode_image(record["image"])
-    except Exception as err:
-        raise RecordError(image_id, f"cannot decode image: {err}") from err
-    try:
-        scores = codec.decode_scores(seeds["scores"])
-    except Exception as err:
-        raise RecordError(image_id, f"bad seed scores: {err}") from err
-    classes = [int(c) for c in seeds["classes"]]
-    if scores.shape != (len(classes), *rgb.shape[:2]):
-        raise RecordError(image_id, f"seed scores of shape {scores.shape} do not fit {len(classes)} classes "
-                                    f"of a {rgb.shape[0]}x{rgb.shape[1]} image")
-    mask = make_mask(rgb, scores, classes, labelling)
-    return {"image_id": image_id, "height": rgb.shape[0], "width": rgb.shape[1], "mask": codec.encode_mask(mask)}
+
+class Walk(NamedTuple):
+    """What an actor of the psa methods holds: the AffinityNet and the walk's settings."""
+    model: torch.nn.Module
+    cfg: PSAConfig
+
+
+def load_walk(cfg: MakeMasksConfig, threshold: float, checkpoint_uri: str) -> Walk:
+    device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    model, meta = checkpoints.load_affinitynet(checkpoint_uri, cfg.storage, device)
+    return Walk(model, cfg.psa_config(threshold, int(meta["model_config"]["radius"])))
+
+
+def pseudo_mask(rgb: np.ndarray, scores: np.ndarray, classes: list[int], labelling: LabellingConfig,
+                walk: Walk | None) -> np.ndarray:
+    """The mask of one image: the seeds' (``walk`` None), or the walk's scores, labelled as ``labelling`` says."""
+    if walk is None or not classes:  # without classes every pixel is background either way
+        return make_mask(rgb, scores, classes, labelling)
+    return mask_from_label_scores(rgb, walk_scores(rgb, scores, classes, walk.model, walk.cfg), classes, labelling)
 
 
 class MaskMaker:
-    """The masks worker on the CPU pool: (sample, seeds) records -> masks rows."""
+    """The masks worker: (sample, seeds) records -> masks rows; with a ``checkpoint_uri``, by PSA's walk."""
 
-    columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image"], "seeds": ["image_id", "classes", "scores"]}
+    columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image"],
+                                               "seeds": ["image_id", "classes", "scores"]}
     unclaimed_are_errors = ("seeds",)  # a seeds row of an image the data lacks is reported, never dropped
 
-    def __init__(self, cfg: MakeMasksConfig, threshold: float):
+    def __init__(self, cfg: MakeMasksConfig, threshold: float, checkpoint_uri: str | None):
         self.labelling = cfg.labelling(threshold)
+        self.walk = load_walk(cfg, threshold, checkpoint_uri) if checkpoint_uri else None
         self.out, self.options, self.node_recorded = cfg.out, cfg.storage, False
 
     def process(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
@@ -101,9 +134,13 @@ class MaskMaker:
         rows, failures = [], []
         for record in records:
             try:
-                rows.append(mask_row(record, self.labelling))
+                rgb, scores, classes = codec.decode_seeded_sample(record)
+                mask = pseudo_mask(rgb, scores, classes, self.labelling, self.walk)
             except RecordError as err:
                 failures.append((err.image_id, err.message))
+                continue
+            rows.append({"image_id": record["image_id"], "height": rgb.shape[0], "width": rgb.shape[1],
+                         "mask": codec.encode_mask(mask)})
         return rows, failures
 
 
@@ -131,57 +168,62 @@ def resolve_threshold(cfg: MakeMasksConfig) -> tuple[float, str]:
     return float(found), cfg.threshold_from
 
 
-def crf_pool_args(cfg: MakeMasksConfig) -> dict[str, Any]:
-    """Actors on the CPU pool: the crf_pool resource when the cluster has one, else plain CPUs."""
-    return {"num_cpus": cfg.num_cpus_per_task, "resources": pool_resources(CPU_POOL_RESOURCE, cfg.num_cpus_per_task)}
-
-
-@ownership.owns_output(STAGE, inputs=("seeds", "data"))
+@ownership.owns_output(STAGE, inputs=("seeds", "data", "affinity"))
 def run(cfg: MakeMasksConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
-    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg), inputs=[cfg.seeds, cfg.data])
+    return batch_stage.run(cfg, STAGE, lambda: _stage(cfg), inputs=[cfg.seeds, cfg.data, cfg.affinity])
 
 
 def _stage(cfg: MakeMasksConfig) -> batch_stage.BatchStage:
     seeds_meta = storage.read_json(storage.join(cfg.seeds, "dataset.json"), cfg.storage)
     threshold, threshold_source = resolve_threshold(cfg)
+    affinity = training.find_checkpoint(cfg.affinity, cfg.storage) if cfg.walks() else None
+    crf_on = cfg.labelling(threshold).crf
     seeds_splits = sorted(set(commit.file_splits(cfg.seeds, "seeds", cfg.storage).values()))
     files = batch_stage.samples_files(cfg.data, cfg.storage, cfg.splits() or seeds_splits)
-    log.info("pseudo masks for %s: threshold %.2f (%s), CRF %s", sorted(set(files.values())), threshold,
-             threshold_source, "on" if cfg.crf.enabled else "off")
+    log.info("pseudo masks for %s by %s: threshold %.2f (%s), CRF %s%s", sorted(set(files.values())), cfg.method,
+             threshold, threshold_source, "on" if crf_on else "off", f", AffinityNet {affinity}" if affinity else "")
     metadata = {
         "table": "masks",
         "class_names": seeds_meta["class_names"],
         "num_classes": seeds_meta["num_classes"],
         "seeds": cfg.seeds,
+        "method": cfg.method,
+        "affinity": affinity,
         "threshold": threshold,
         "threshold_source": threshold_source,
-        "crf": cfg.crf.enabled,
+        "crf": crf_on,
         "job": "make_masks",
         "config": config_lib.to_dict(cfg),
     }
-
-    titles = ["image", f"seeds @{threshold:.2f}", "pseudo mask" + (" (CRF)" if cfg.crf.enabled else ""), "ground truth"]
-
+    titles = ["image", f"seeds @{threshold:.2f}", "CRF mask" if crf_on else "seeds' argmax"]
+    if cfg.walks():
+        titles = [*titles[:2], "CRF mask", f"{cfg.method.upper()} mask"]
+    titles.append("ground truth")
     return batch_stage.BatchStage(
-        name=STAGE, table="masks", worker=MaskMaker, worker_args=(threshold,),
+        name=STAGE, table="masks", worker=MaskMaker, worker_args=(threshold, affinity),
         tasks=batch_stage.follow_samples(cfg.data, sorted(files), cfg.storage, {"seeds": (cfg.seeds, "seeds")}),
-        metadata=metadata, summary={"stage": STAGE, "out": cfg.out, "threshold": threshold, "crf": cfg.crf.enabled},
-        remote_args=crf_pool_args(cfg), file_splits=files,
-        after_tasks=lambda: {"worker_nodes": worker_nodes(cfg.out, cfg.storage)},
-        contact_sheet=lambda: batch_stage.contact_sheet(cfg.out, "masks", cfg.data, partial(_contact_panels, cfg, threshold),
-                                                        titles, cfg.storage))
+        metadata=metadata,
+        summary={"stage": STAGE, "out": cfg.out, "method": cfg.method, "threshold": threshold, "crf": crf_on},
+        remote_args=model_actor_args(cfg.use_gpu) if cfg.walks() else cpu_pool_actor_args(cfg.num_cpus_per_task),
+        file_splits=files, after_tasks=lambda: {"worker_nodes": worker_nodes(cfg.out, cfg.storage)},
+        contact_sheet=lambda: batch_stage.contact_sheet(
+            cfg.out, "masks", cfg.data, partial(_contact_panels, cfg, threshold), titles, cfg.storage))
 
 
 def _contact_panels(cfg: MakeMasksConfig, threshold: float, row: dict[str, Any], sample: dict[str, Any]) -> list:
-    """image | seed labelling (no CRF) | pseudo mask | ground truth."""
+    """image | seed labelling (no CRF) | the stage's mask | ground truth; the psa methods add the CRF mask of the
+    same seeds before theirs (made here, for the few images shown)."""
     from ray_wsss.core import viz
     from ray_wsss.core.metrics import scores_to_labels
 
     rgb = codec.decode_image(sample["image"])
     seed = commit.read_rows_by_id(cfg.seeds, "seeds", [row["image_id"]], cfg.storage).get(row["image_id"])
-    seed_labels = (scores_to_labels(codec.decode_scores(seed["scores"]), seed["classes"], threshold)
-                   if seed else np.zeros(rgb.shape[:2], np.uint8))
+    scores = codec.decode_scores(seed["scores"]) if seed else np.zeros((0, *rgb.shape[:2]), np.float32)
+    classes = [int(c) for c in seed["classes"]] if seed else []
+    panels = [rgb, viz.colorize(scores_to_labels(scores, classes, threshold))]
+    if cfg.walks():
+        crf_labelling = dataclasses.replace(cfg, method="crf", affinity=None, crf=True).labelling(threshold)
+        panels.append(viz.colorize(make_mask(rgb, scores, classes, crf_labelling)))
     gt = codec.decode_mask(sample["gt_mask"]) if sample["gt_mask"] else None
-    return [rgb, viz.colorize(seed_labels), viz.colorize(codec.decode_mask(row["mask"])),
-            viz.colorize(gt) if gt is not None else None]
+    return [*panels, viz.colorize(codec.decode_mask(row["mask"])), viz.colorize(gt) if gt is not None else None]

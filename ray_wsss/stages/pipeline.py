@@ -4,6 +4,12 @@ prepare -> train -> seeds -> evaluate seeds -> masks -> evaluate masks -> deepla
 evaluate segmentation. A stage whose committed output exists is skipped, so a crashed pipeline
 reruns from where it stopped. Stage settings come from the YAML sections named after the stages
 (``train: {epochs: 20}``), on top of what the pipeline wires between them.
+
+With ``masks: {method: psa}`` (or ``psa+crf``) the masks are PSA's random walk, and two stages come before
+them: ``affinity_labels`` (from the seeds) and ``affinity`` (AffinityNet training on them). The seeds
+AffinityNet learns from are the masks' own, or with ``affinity_seeds: unrefined`` a second extraction without
+the affinity refinement (``affinity_seeds`` stage): ACR's recipe, AffinityNet trained on ACR* seeds walking the
+refined ones.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from ray_wsss.core.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 STAGES = ("prepare", "train", "seeds", "eval_seeds", "masks", "eval_masks", "deeplab", "segment", "eval_segment")
-
+PSA_STAGES = ("affinity_seeds", "affinity_labels", "affinity")  # before "masks" when the masks walk
+AFFINITY_SEEDS = ("seeds", "unrefined")
 
 
 @dataclasses.dataclass
@@ -33,10 +40,17 @@ class PipelineConfig:
     split: str = option("train,val", "splits to prepare; the first trains, the last is scored")
     method: str = option("acr", "classifier method", choices=list_methods())
     use_gpu: bool = option(False, "GPUs for training, seeds and segmentation")
-    num_workers: int = option(1, "Ray Train workers for both trainings", min=1)
+    num_workers: int = option(1, "Ray Train workers for every training", min=1)
+    affinity_seeds: str = option("seeds", "with masks: {method: psa}, the seeds AffinityNet learns from: the masks' "
+                                          "own, or 'unrefined' (extracted again without refinement: ACR's recipe)",
+                                 choices=AFFINITY_SEEDS)
+    until: str | None = option(None, "stop after this stage (default: run every stage)",
+                               choices=(*STAGES, *PSA_STAGES))
     prepare: dict = dataclasses.field(default_factory=dict)   # YAML only: per-stage overrides
     train: dict = dataclasses.field(default_factory=dict)
     seeds: dict = dataclasses.field(default_factory=dict)
+    affinity_labels: dict = dataclasses.field(default_factory=dict)
+    affinity: dict = dataclasses.field(default_factory=dict)
     masks: dict = dataclasses.field(default_factory=dict)
     deeplab: dict = dataclasses.field(default_factory=dict)
     segment: dict = dataclasses.field(default_factory=dict)
@@ -46,6 +60,25 @@ class PipelineConfig:
         """Each stage section's types and ranges now, not when its stage starts hours later."""
         for section, cls in stage_configs().items():
             setattr(self, section, config_lib.check_fields(cls, getattr(self, section), f"the `{section}:` section"))
+        if self.affinity_seeds != "seeds" and not self.walks():
+            raise ValueError(f"affinity_seeds: {self.affinity_seeds} is for masks: {{method: psa}} or psa+crf; "
+                             f"the masks' method is {self.masks_method()!r}")
+        if self.until is not None and self.until not in self.stage_names():
+            raise ValueError(f"until: {self.until!r} is not a stage of this pipeline: {list(self.stage_names())}")
+
+    def masks_method(self) -> str:
+        return self.masks.get("method", "crf")
+
+    def walks(self) -> bool:
+        """Whether the masks are PSA's random walk, which needs an AffinityNet trained before them."""
+        return self.masks_method() != "crf"
+
+    def stage_names(self) -> tuple[str, ...]:
+        if not self.walks():
+            return STAGES
+        psa = PSA_STAGES if self.affinity_seeds == "unrefined" else PSA_STAGES[1:]
+        before = STAGES.index("masks")
+        return (*STAGES[:before], *psa, *STAGES[before:])
 
     def train_split(self) -> str:
         return self.split.split(",")[0].strip()
@@ -59,10 +92,20 @@ class PipelineConfig:
 
 def stage_configs() -> dict[str, type]:
     """The config class each YAML section of the pipeline fills (imported here: each pulls its stage's deps)."""
-    from ray_wsss.stages import extract_seeds, make_masks, prepare_data, segment, train_acr, train_deeplab
+    from ray_wsss.stages import (
+        affinity_labels,
+        extract_seeds,
+        make_masks,
+        prepare_data,
+        segment,
+        train_acr,
+        train_affinity,
+        train_deeplab,
+    )
 
     return {"prepare": prepare_data.PrepareConfig, "train": train_acr.TrainClassifierConfig,
-            "seeds": extract_seeds.ExtractSeedsConfig, "masks": make_masks.MakeMasksConfig,
+            "seeds": extract_seeds.ExtractSeedsConfig, "affinity_labels": affinity_labels.AffinityLabelsConfig,
+            "affinity": train_affinity.TrainAffinityConfig, "masks": make_masks.MakeMasksConfig,
             "deeplab": train_deeplab.TrainDeepLabConfig, "segment": segment.SegmentConfig}
 
 
@@ -98,6 +141,7 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
 
     # The masks' background threshold is the seeds evaluation's best one, unless the YAML sets one.
     threshold = {} if "threshold" in cfg.masks else {"threshold_from": storage.join(seeds_eval, "summary.json")}
+    affinity = {"affinity": cfg.uri("affinity")} if cfg.walks() else {}
 
     return [
         ("prepare", data, prepare_stage),
@@ -110,9 +154,11 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
                                          "refine": refine_by_default(cfg), **gpu},
             cfg.seeds, opts))),
         ("eval_seeds", seeds_eval, evaluation(cfg.uri("seeds"), seeds_eval, "seeds", cfg.train_split())),
+        *(_psa_runners(cfg, data) if cfg.walks() else []),
         ("masks", cfg.uri("masks"), lambda: make_masks.run(_stage_config(
             make_masks.MakeMasksConfig, {"seeds": cfg.uri("seeds"), "data": data, "out": cfg.uri("masks"),
-                                         "split": cfg.train_split(), **threshold}, cfg.masks, opts))),
+                                         "split": cfg.train_split(), **threshold, **affinity, **gpu},
+            cfg.masks, opts))),
         ("eval_masks", masks_eval, evaluation(cfg.uri("masks"), masks_eval, "masks", cfg.train_split())),
         ("deeplab", cfg.uri("deeplab"), lambda: _skip_or(cfg.uri("deeplab"), opts, lambda: train_deeplab.run(_stage_config(
             train_deeplab.TrainDeepLabConfig,
@@ -123,6 +169,38 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
                                     "split": cfg.eval_split(), **gpu}, cfg.segment, opts))),
         ("eval_segment", seg_eval, evaluation(cfg.uri("segment"), seg_eval, "masks", cfg.eval_split())),
     ]
+
+
+def _psa_runners(cfg: PipelineConfig, data: str) -> list[tuple[str, str, Callable[[], dict[str, Any]]]]:
+    """The stages that train the AffinityNet the masks walk on: [affinity_seeds], affinity_labels, affinity."""
+    from ray_wsss.stages import affinity_labels, extract_seeds, train_affinity
+
+    opts, gpu = cfg.storage, {"use_gpu": cfg.use_gpu}
+    # A second extraction only where it differs: with the masks' seeds unrefined already, it would repeat them.
+    second = cfg.affinity_seeds == "unrefined" and cfg.seeds.get("refine", refine_by_default(cfg))
+    labels_seeds = cfg.uri("affinity_seeds") if second else cfg.uri("seeds")
+
+    def affinity_seeds_stage() -> dict[str, Any]:
+        if not second:
+            return {"stage": "affinity_seeds", "skipped": True, "out": labels_seeds,
+                    "note": "the seeds are unrefined already: AffinityNet learns from them"}
+        wired = {"checkpoint": cfg.uri("train"), "data": data, "out": labels_seeds, **gpu}
+        return extract_seeds.run(_stage_config(extract_seeds.ExtractSeedsConfig, wired,
+                                               {**cfg.seeds, "refine": False, "split": cfg.train_split()}, opts))
+
+    runners = [
+        ("affinity_seeds", labels_seeds, affinity_seeds_stage),
+        ("affinity_labels", cfg.uri("affinity_labels"), lambda: affinity_labels.run(_stage_config(
+            affinity_labels.AffinityLabelsConfig,
+            {"seeds": labels_seeds, "data": data, "out": cfg.uri("affinity_labels"), "split": cfg.train_split()},
+            cfg.affinity_labels, opts))),
+        ("affinity", cfg.uri("affinity"), lambda: _skip_or(cfg.uri("affinity"), opts, lambda: train_affinity.run(
+            _stage_config(train_affinity.TrainAffinityConfig,
+                          {"labels": cfg.uri("affinity_labels"), "data": data, "out": cfg.uri("affinity"),
+                           "num_workers": cfg.num_workers, "train_split": cfg.train_split(),
+                           "val_split": cfg.eval_split(), **gpu}, cfg.affinity, opts)))),
+    ]
+    return [runner for runner in runners if runner[0] in cfg.stage_names()]
 
 
 def refine_by_default(cfg: PipelineConfig) -> bool:
@@ -146,6 +224,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
     rows = []
     for name, uri, thunk in stage_runners(cfg):
+        if cfg.until is not None and rows and rows[-1]["stage"] == cfg.until:
+            break
         t0 = time.time()
         log.info("=== stage %s -> %s", name, uri)
         print(f"[pipeline] stage {name} -> {uri}", flush=True)
@@ -154,7 +234,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                      "seconds": round(time.time() - t0, 1), "metrics": headline_metrics(name, result)})
         print(f"[pipeline] stage {name} {'skipped (committed)' if result.get('skipped') else 'done'} "
               f"in {rows[-1]['seconds']} s: {rows[-1]['metrics']}", flush=True)
-    summary = {"out": cfg.out, "method": cfg.method, "stages": rows, "seconds": round(time.time() - started, 1)}
+    summary = {"out": cfg.out, "method": cfg.method, "masks_method": cfg.masks_method(), "stages": rows,
+               "seconds": round(time.time() - started, 1)}
     storage.write_json(storage.join(cfg.out, "summary.json"), summary, cfg.storage)
     print(format_table(rows), flush=True)
     return summary

@@ -1,8 +1,9 @@
 """Stage 5: train DeepLab-V2 on the pseudo masks (or the ground truth) with Ray Train V2 DDP.
 
-The driver joins the sample shards with the ``masks`` table on ``image_id`` in Ray Data, where CPU
-tasks also decode and augment (random scale, pad, crop, flip); every worker runs
-:func:`train_loop_per_worker`: SGD with poly decay and a 10x LR head, cross-entropy that ignores
+The driver streams the training split's (samples, masks) file pairs through Ray Data (co-partitioned
+tables: no join, ``harness.training.paired_split_records``), where CPU tasks also decode and augment
+(random scale, pad, crop, flip); the common training loop (``harness.training``) runs
+:class:`SegmenterTask`: SGD with poly decay and a 10x LR head, cross-entropy that ignores
 255, and each epoch a single-scale mIoU on the ground-truth masks of the held-out split.
 Checkpoints go to ``<out>/<name>/`` each epoch; a rerun with the same name resumes.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import posixpath
 import time
 from typing import Any, ClassVar
 
@@ -34,7 +34,7 @@ from ray_wsss.core.models.deeplab import BACKBONES, DeepLabConfig, DeepLabV2
 from ray_wsss.core.optim import build_optimizer, poly_schedule
 from ray_wsss.core.schema import IGNORE_INDEX
 from ray_wsss.core.storage import StorageOptions
-from ray_wsss.harness import batch_stage, training
+from ray_wsss.harness import training
 
 log = logging.getLogger(__name__)
 STAGE = "deeplab"
@@ -160,44 +160,22 @@ class SegmenterTask:
 def training_records(cfg: TrainDeepLabConfig) -> ray.data.Dataset:
     """Rows (image_id, image, mask) of the training split, streamed file by file: each samples file paired
     with the masks file of the same name (no join), or the samples' ground truth with --gt-masks."""
+    if not cfg.gt_masks:
+        return training.paired_split_records(cfg, cfg.masks, "masks", "mask")
     files = training.split_files(cfg.data, cfg.train_split, cfg.storage)
-    if cfg.gt_masks:
-        fs, _ = storage.resolve(cfg.data, cfg.storage)
-        paths = [storage.resolve(f, cfg.storage)[1] for f in files]
-        return (ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "image", "gt_mask"])
-                .filter(expr=col("gt_mask").is_not_null())
-                .rename_columns({"gt_mask": "mask"}))
-    masks = set(batch_stage.committed_files(cfg.masks, "masks", cfg.storage))
-    pairs = [{"samples": f, "masks": storage.join(cfg.masks, "masks", posixpath.basename(f))}
-             for f in files if posixpath.basename(f) in masks]
-    return ray.data.from_items(pairs, override_num_blocks=max(1, len(pairs))).flat_map(
-        paired_rows, fn_kwargs={"options": cfg.storage})
-
-
-def paired_rows(pair: dict[str, str], options: StorageOptions | None) -> list[dict[str, Any]]:
-    """A (samples file, masks file) pair -> its (image_id, image, mask) rows, matched by id in file order."""
-    task = batch_stage.FileTask(name=pair["samples"], primary=pair["samples"], paired=(("masks", pair["masks"]),))
-    columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image"], "masks": ["image_id", "mask"]}
-    rows = []
-    for records in batch_stage.iter_task_records(task, columns, 64, options, []):
-        rows += [{"image_id": r["image_id"], "image": r["image"], "mask": r["masks"]["mask"]}
-                 for r in records if r["masks"] is not None]
-    return rows
+    fs, _ = storage.resolve(cfg.data, cfg.storage)
+    paths = [storage.resolve(f, cfg.storage)[1] for f in files]
+    return (ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "image", "gt_mask"])
+            .filter(expr=col("gt_mask").is_not_null())
+            .rename_columns({"gt_mask": "mask"}))
 
 
 def count_training_rows(cfg: TrainDeepLabConfig) -> int:
-    """Rows the pairing yields, from the files' footers (no image read)."""
+    """Rows :func:`training_records` yields, from the files' footers (no image read)."""
+    if not cfg.gt_masks:
+        return training.count_paired_rows(cfg, cfg.masks, "masks")
     files = training.split_files(cfg.data, cfg.train_split, cfg.storage)
-    if cfg.gt_masks:
-        return sum(_count_valid(f, "gt_mask", cfg.storage) for f in files)
-    masks = set(batch_stage.committed_files(cfg.masks, "masks", cfg.storage))
-    return sum(_num_rows(storage.join(cfg.masks, "masks", posixpath.basename(f)), cfg.storage)
-               for f in files if posixpath.basename(f) in masks)
-
-
-def _num_rows(uri: str, options: StorageOptions | None) -> int:
-    fs, path = storage.resolve(uri, options)
-    return pq.read_metadata(path, filesystem=fs).num_rows
+    return sum(_count_valid(f, "gt_mask", cfg.storage) for f in files)
 
 
 def _count_valid(uri: str, column: str, options: StorageOptions | None) -> int:

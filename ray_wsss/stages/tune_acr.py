@@ -180,11 +180,6 @@ def run_trial(params: dict[str, Any], sweep: TuneACRConfig) -> None:
 
 # ---------------------------------------------------------------- the sweep (driver side)
 
-def _absolute(uri: str) -> str:
-    """Tune runs each trial in its own working directory: local paths must not be relative."""
-    return uri if storage.is_s3(uri) else os.path.abspath(uri)
-
-
 def _scheduler(cfg: TuneACRConfig):
     """ASHA on the per-epoch metric, deciding only before the last epoch.
 
@@ -206,7 +201,7 @@ def run(cfg: TuneACRConfig) -> dict[str, Any]:
     from ray.tune.search import BasicVariantGenerator
 
     started = time.time()
-    cfg = dataclasses.replace(cfg, data=_absolute(cfg.data), out=_absolute(cfg.out))
+    cfg = dataclasses.replace(cfg, data=training.absolute_uri(cfg.data), out=training.absolute_uri(cfg.out))
     commit.read_manifest(cfg.data, cfg.storage)  # a clear error if the data stage never committed
     training.check_cpu_budget(cfg)  # the sweep config has the Train run's resource fields
     concurrency = concurrent_trials(cfg)

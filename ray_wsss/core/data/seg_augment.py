@@ -69,13 +69,7 @@ class SegmentationTransform:
 def decode_pair(image_id: str, image_bytes: bytes, mask_bytes: bytes | None,
                 num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Decode an image and its training mask; RecordError when the mask is missing, misfits or has bad ids."""
-    if mask_bytes is None:
-        raise RecordError(image_id, "no mask to train on")
-    try:
-        # Writable copies: torch.from_numpy warns on the read-only arrays PIL hands out.
-        rgb, mask = np.array(codec.decode_image(image_bytes)), np.array(codec.decode_mask(mask_bytes))
-    except Exception as err:
-        raise RecordError(image_id, f"cannot decode image or mask: {type(err).__name__}: {err}") from err
+    rgb, mask = decode_image_and_mask(image_id, image_bytes, mask_bytes)
     if mask.shape != rgb.shape[:2]:
         raise RecordError(image_id, f"mask is {mask.shape[0]}x{mask.shape[1]} but the image is "
                                     f"{rgb.shape[0]}x{rgb.shape[1]}")
@@ -84,3 +78,15 @@ def decode_pair(image_id: str, image_bytes: bytes, mask_bytes: bytes | None,
         raise RecordError(image_id, f"mask has class ids {np.unique(mask[bad])[:10].tolist()} outside "
                                     f"0..{num_classes - 1} (and not {IGNORE_INDEX})")
     return rgb, mask
+
+
+def decode_image_and_mask(image_id: str, image_bytes: bytes, mask_bytes: bytes | None,
+                          what: str = "mask") -> tuple[np.ndarray, np.ndarray]:
+    """Decode an image and the PNG of class ids it trains with (writable copies: torch.from_numpy warns on the
+    read-only arrays PIL hands out); RecordError when the PNG is missing or either cannot be decoded."""
+    if mask_bytes is None:
+        raise RecordError(image_id, f"no {what} to train on")
+    try:
+        return np.array(codec.decode_image(image_bytes)), np.array(codec.decode_mask(mask_bytes))
+    except Exception as err:
+        raise RecordError(image_id, f"cannot decode image or {what}: {type(err).__name__}: {err}") from err

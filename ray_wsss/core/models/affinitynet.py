@@ -30,7 +30,7 @@ from timm.models import get_pretrained_cfg_value, load_state_dict
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ray_wsss.core.refine.psa import STRIDE, pair_affinities
+from ray_wsss.core.affinity_pairs import STRIDE, pair_affinities
 
 HEAD_WIDTHS = (64, 128, 256)  # resnet38_aff.py f8_3, f8_4, f8_5
 EMBEDDING_DIM = sum(HEAD_WIDTHS)  # 448, f9
@@ -64,7 +64,7 @@ class AffinityNet(nn.Module):
         return F.elu(self.fuse(torch.cat([F.elu(conv(f)) for conv, f in zip(self.levels, features)], dim=1)))
 
     def affinities(self, x: Tensor, radius: int) -> Tensor:
-        """Affinities [B, n_displacements, M] of the pairs within ``radius`` (see ``psa.pair_affinities``)."""
+        """Affinities [B, n_displacements, M] of the pairs within ``radius`` (``affinity_pairs.pair_affinities``)."""
         return pair_affinities(self(x), radius)
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:

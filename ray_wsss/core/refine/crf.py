@@ -92,6 +92,15 @@ def _check_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(image)  # pydensecrf reads the raw buffer
 
 
+def _check_classes(classes: Sequence[int], count: int) -> np.ndarray:
+    ids = np.asarray(classes, np.int64).reshape(-1)
+    if len(ids) != count:
+        raise ValueError(f"got {len(ids)} class ids for {count} score maps")
+    if ((ids < 1) | (ids >= IGNORE_INDEX)).any():
+        raise ValueError(f"class ids must be foreground ids 1..{IGNORE_INDEX - 1}, got {ids.tolist()}")
+    return ids
+
+
 def label_scores(seed_scores: np.ndarray, cfg: LabellingConfig) -> np.ndarray:
     """Seed scores [k, H, W] -> float32 label scores [k + 1, H, W], background first."""
     scores = _check_seed_scores(seed_scores)
@@ -138,16 +147,30 @@ def make_mask(
     image's resolution.
     """
     scores = _check_seed_scores(seed_scores)
-    image = _check_image(image, *scores.shape[1:])
-    ids = np.asarray(classes, np.int64).reshape(-1)
-    if len(ids) != len(scores):
-        raise ValueError(f"got {len(ids)} class ids for {len(scores)} score maps")
-    if ((ids < 1) | (ids >= IGNORE_INDEX)).any():
-        raise ValueError(f"class ids must be foreground ids 1..{IGNORE_INDEX - 1}, got {ids.tolist()}")
-    if len(ids) == 0:  # nothing present: all background, nothing uncertain
+    if len(scores) == 0:  # nothing present: all background, nothing uncertain
+        _check_image(image, *scores.shape[1:])
+        _check_classes(classes, 0)
         return np.zeros(scores.shape[1:], np.uint8)
+    return mask_from_label_scores(image, label_scores(scores, cfg), classes, cfg)
 
-    per_label = label_scores(scores, cfg)
+
+def mask_from_label_scores(
+        image: np.ndarray,
+        per_label: np.ndarray,
+        classes: Sequence[int],
+        cfg: LabellingConfig,
+) -> np.ndarray:
+    """uint8 image [H, W, 3] and label scores [k + 1, H, W] (background first, then `classes`) -> uint8 mask.
+
+    With `cfg.crf`: the argmax of the dense CRF on softmax(`scale` * scores); without: the argmax of the
+    scores. Then the ignore band on the confidence. `cfg.background` and `threshold` play no part here:
+    they make the background row of seeds (:func:`label_scores`); PSA's random walk makes its own.
+    """
+    per_label = np.asarray(per_label)
+    if per_label.ndim != 3 or len(per_label) == 0:
+        raise ValueError(f"label scores must be [k + 1, H, W], got shape {per_label.shape}")
+    image = _check_image(image, *per_label.shape[1:])
+    ids = _check_classes(classes, len(per_label) - 1)
     probs = softmax(per_label, cfg.crf_config.scale)
     if cfg.crf:
         probs = dense_crf(image, probs, cfg.crf_config)

@@ -1,25 +1,17 @@
 """PSA / AffinityNet (Ahn & Kwak, CVPR'18): from seeds to pseudo masks by a random walk on learned affinities.
 
-Ray-free: affinity labels from seeds, the pairs within a radius, the balanced affinity loss, the sparse
+Ray-free: affinity labels from seeds, the pairs' labels, the balanced affinity loss, the sparse
 random walk and the whole inference for one image. The model is ``ray_wsss.core.models.affinitynet``.
 
 Followed line by line (github.com/jiwoon-ahn/psa; MCTformer's ``psa/`` folder is a copy with other defaults):
 
-- pairs: ``tool/pyutils.py get_indices_of_pairs`` and ``voc12/data.py ExtractAffinityLabelInRadius``;
-- affinity: ``network/resnet38_aff.py``, ``aff = exp(-mean_c |f_from - f_to|)``. The paper writes the L1
-  norm; the code takes the MEAN over the D channels (the norm / D). This module follows the code;
+- pair labels: ``voc12/data.py ExtractAffinityLabelInRadius``;
 - affinity labels: ``infer_cls.py _crf_with_alpha`` and ``voc12/data.py VOC12AffDataset.__getitem__``;
 - loss: ``train_aff.py``;
 - random walk: ``infer_aff.py``.
 
-Pair layout on an h x w grid (PSA's, so every pair is in bounds and each unordered pair appears once):
-``rf = radius - 1``; the displacements are a half disc, in PSA's order ``(0, 1..rf)`` then, for
-``dy = 1..rf``, ``dx = -rf..rf`` with ``dy² + dx² < radius²`` (34 of them at radius 5). The "from" pixels
-are rows ``[0, h - rf)`` x columns ``[rf, w - rf)`` in raster order (``M`` of them); pair ``(d, m)`` joins
-from-pixel ``m`` with the pixel at ``from + d``. Pairs whose first pixel lies in the last ``rf`` rows or
-the outer ``rf`` columns are not formed: PSA's crop, kept as it is. So pixels in the outer ``rf`` columns
-have fewer pairs than others (a smaller weight in the walk's average), and a few have none at all (the first
-``rf`` pixels of row 0 and a bottom-left corner triangle): the walk leaves their scores as they are.
+The pair geometry (stride 8, the pairs within a radius, their affinities) is ``ray_wsss.core.affinity_pairs``,
+shared with the model.
 """
 from __future__ import annotations
 
@@ -34,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ray_wsss.core.affinity_pairs import STRIDE, grid_size, pair_affinities, pair_indices, pair_windows
 from ray_wsss.core.data.augment import normalize
 from ray_wsss.core.schema import IGNORE_INDEX
 
-STRIDE = 8  # the feature stride: labels, affinities and the walk live on the ceil(H/8) x ceil(W/8) grid
 BACKGROUND_MODES = ("power", "threshold")
 LOSS_EPS = 1e-5  # train_aff.py: inside the logs and added to each pair count
 
@@ -92,38 +84,7 @@ def _check_field(name: str, value: Any, kind: type, ok: Any, allowed: str) -> No
         raise ValueError(f"PSAConfig.{name} must be {allowed}, got {value!r}")
 
 
-# ---------------------------------------------------------------- pairs within a radius
-
-def displacements(radius: int) -> list[tuple[int, int]]:
-    """The half disc of (dy, dx) displacements, in PSA's order (see the module doc)."""
-    if radius < 2:
-        raise ValueError(f"radius must be >= 2, got {radius}")
-    half = [(0, dx) for dx in range(1, radius)]
-    half += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius)
-             if dx * dx + dy * dy < radius * radius]
-    return half
-
-
-def grid_size(height: int, width: int) -> tuple[int, int]:
-    """The stride-8 grid of an image: (ceil(H/8), ceil(W/8)), the image padded to multiples of 8 as PSA does."""
-    return -(-height // STRIDE), -(-width // STRIDE)
-
-
-def _windows(height: int, width: int, radius: int) -> tuple[tuple[slice, slice], list[tuple[slice, slice]]]:
-    """(rows, cols) slices of the from-pixels, and of the to-pixels of each displacement."""
-    rf = radius - 1
-    rows, cols = max(height - rf, 0), max(width - 2 * rf, 0)  # an empty window on a grid too small for pairs
-    start = (slice(0, rows), slice(rf, rf + cols))
-    ends = [(slice(dy, dy + rows), slice(rf + dx, rf + dx + cols)) for dy, dx in displacements(radius)]
-    return start, ends
-
-
-def pair_indices(height: int, width: int, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raster indices of the pairs: from [M] and to [n_displacements, M], int64 (PSA's get_indices_of_pairs)."""
-    grid = np.arange(height * width, dtype=np.int64).reshape(height, width)
-    start, ends = _windows(height, width, radius)
-    return grid[start].reshape(-1), np.stack([grid[end].reshape(-1) for end in ends])
-
+# ---------------------------------------------------------------- pair labels
 
 class PairLabels(NamedTuple):
     """Bool [..., n_displacements, M] masks of the three kinds of pairs (ExtractAffinityLabelInRadius)."""
@@ -137,23 +98,12 @@ def pair_labels(labels: Tensor, radius: int) -> PairLabels:
 
     A pair with a 255 end is in none of the three sets.
     """
-    start, ends = _windows(*labels.shape[-2:], radius)
+    start, ends = pair_windows(*labels.shape[-2:], radius)
     first = labels[..., start[0], start[1]].flatten(-2).unsqueeze(-2)
     second = torch.stack([labels[..., rows, cols].flatten(-2) for rows, cols in ends], dim=-2)
     valid = (first != IGNORE_INDEX) & (second != IGNORE_INDEX)
     same = first == second
     return PairLabels(bg_pos=same & (first == 0), fg_pos=same & (first != 0) & valid, neg=~same & valid)
-
-
-def pair_affinities(embedding: Tensor, radius: int) -> Tensor:
-    """Embedding [B, D, h, w] -> affinities [B, n_displacements, M], exp(-mean_c |f_from - f_to|).
-
-    One displacement at a time (slices, no gathered copy), so inference holds one [B, D, M] difference at once.
-    """
-    start, ends = _windows(*embedding.shape[-2:], radius)
-    first = embedding[..., start[0], start[1]]
-    return torch.stack([torch.exp(-(first - embedding[..., rows, cols]).abs().mean(1)).flatten(1)
-                        for rows, cols in ends], dim=1)
 
 
 # ---------------------------------------------------------------- the loss
@@ -343,23 +293,65 @@ def walk_seeds(seeds: np.ndarray, cfg: PSAConfig) -> Tensor:
     return pool_to_stride(torch.from_numpy(np.concatenate([background[None], seeds])))
 
 
-def infer_mask(image: np.ndarray, seeds: np.ndarray, classes: Sequence[int], model: nn.Module,
-               cfg: PSAConfig) -> np.ndarray:
-    """uint8 image [H, W, 3], seeds [k, H, W] of ``classes`` and an AffinityNet -> uint8 mask [H, W].
+def walk_scores(image: np.ndarray, seeds: np.ndarray, classes: Sequence[int], model: nn.Module,
+                cfg: PSAConfig) -> np.ndarray:
+    """uint8 image [H, W, 3], seeds [k, H, W] of ``classes`` and an AffinityNet -> float32 scores [k + 1, H, W]
+    (background first): the walk's result at image size, before the argmax.
 
     infer_aff.py, step by step: the image's affinities (:func:`image_affinities`), the seeds with their
     background at stride 8 (:func:`walk_seeds`), the walk (:func:`random_walk`), then bilinear upsampling
     (align_corners=False, PyTorch >= 0.4's ``nn.Upsample`` default, the version PSA names) to the padded
-    size, cropped to H x W, argmax. Values: 0 background or the ids in ``classes``.
+    size, cropped to H x W. Without classes the background channel alone: every pixel is background.
     """
-    scores, ids = _check_seeds(seeds, classes)
+    scores, _ = _check_seeds(seeds, classes)
     image = _check_image(image, scores.shape[1:])
     height, width = scores.shape[1:]
-    if len(ids) == 0:  # only the background channel: the argmax is background everywhere
-        return np.zeros((height, width), np.uint8)
+    if len(scores) == 0:
+        return np.ones((1, height, width), np.float32)
     affinity = image_affinities(image, model, cfg.radius)
     walked = random_walk(walk_seeds(scores, cfg).to(affinity.device), affinity, cfg.radius, cfg.beta, cfg.logt)
     grid_h, grid_w = walked.shape[1:]
     upsampled = F.interpolate(walked[None], size=(grid_h * STRIDE, grid_w * STRIDE), mode="bilinear",
                               align_corners=False)[0, :, :height, :width]
-    return np.concatenate([[0], ids]).astype(np.uint8)[upsampled.argmax(0).cpu().numpy()]
+    return upsampled.float().cpu().numpy()
+
+
+def infer_mask(image: np.ndarray, seeds: np.ndarray, classes: Sequence[int], model: nn.Module,
+               cfg: PSAConfig) -> np.ndarray:
+    """uint8 image [H, W, 3], seeds [k, H, W] of ``classes`` and an AffinityNet -> uint8 mask [H, W]: the argmax
+    of :func:`walk_scores` (infer_aff.py). Values: 0 background or the ids in ``classes``."""
+    _, ids = _check_seeds(seeds, classes)
+    scores = walk_scores(image, seeds, classes, model, cfg)
+    return np.concatenate([[0], ids]).astype(np.uint8)[scores.argmax(0)]
+
+
+# ---------------------------------------------------------------- held-out check of an AffinityNet
+
+def labels_at_stride(mask: np.ndarray) -> np.ndarray:
+    """uint8 mask [H, W] (255 = ignore) -> uint8 labels [ceil(H/8), ceil(W/8)] of its pure 8 x 8 blocks.
+
+    A block whose in-image pixels all carry one class (0 included) gets it; a block mixing classes or
+    holding an ignored pixel gets 255. So the pairs of two labelled blocks have a known truth: this is how
+    a ground-truth mask scores an AffinityNet (:func:`pair_accuracy_counts`), not how PSA trains one.
+    """
+    mask = np.asarray(mask)
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise ValueError(f"mask must be uint8 [H, W], got {mask.dtype} {mask.shape}")
+    grid_h, grid_w = grid_size(*mask.shape)
+    padded = np.full((grid_h * STRIDE, grid_w * STRIDE), -1, np.int16)  # -1: outside the image
+    padded[:mask.shape[0], :mask.shape[1]] = mask
+    blocks = padded.reshape(grid_h, STRIDE, grid_w, STRIDE).transpose(0, 2, 1, 3).reshape(grid_h, grid_w, -1)
+    inside = blocks >= 0
+    low = np.where(inside, blocks, IGNORE_INDEX + 1).min(-1)
+    high = blocks.max(-1)
+    return np.where(low == high, high, IGNORE_INDEX).astype(np.uint8)
+
+
+def pair_accuracy_counts(affinity: Tensor, labels: Tensor, radius: int) -> np.ndarray:
+    """Affinities [..., n_displacements, M] and their grid's labels [..., h, w] -> int64 counts
+    [positive pairs with affinity > 0.5, positive pairs, negative pairs with affinity <= 0.5, negative pairs]."""
+    pairs = pair_labels(labels, radius)
+    positive = pairs.bg_pos | pairs.fg_pos
+    close = affinity > 0.5
+    return np.array([int((positive & close).sum()), int(positive.sum()),
+                     int((pairs.neg & ~close).sum()), int(pairs.neg.sum())], np.int64)
