@@ -138,3 +138,48 @@ def _scene_digest(scene: synthetic.SyntheticScene) -> str:
 @pytest.mark.parametrize(("cfg", "expected"), DEFAULT_DIGESTS, ids=["default", "seed7-80-160"])
 def test_default_rendering_is_unchanged(cfg, expected):
     assert {key: _scene_digest(synthetic.render_scene(cfg, *key)) for key in expected} == expected
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("part_size", (2.0, 10.0), r"part_size \(2.0, 10.0\): need 4 <= min <= max <= 40"),
+    ("part_size", (12.0, 8.0), "part_size"),
+    ("part_size", "big", "part_size must be"),
+    ("body_texture", "plaid", "body_texture 'plaid' is not one of"),
+    ("background_textures", ("stripes", "waves"), "background_textures"),
+    ("background_textures", (), "background_textures"),
+    ("used_classes", ("cat",), r"used_classes \['cat'\] are not in label_space"),
+    ("label_space", ("a", "a"), "label_space"),
+    ("label_space", tuple("abcdefgh"), "uses 8 classes"),
+    ("seed", 1.5, "seed must be an int"),
+    ("num_val", -1, "num_val"),
+    ("min_size", 16, "need 32 <= min_size"),
+])
+def test_config_fields_are_validated(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        synthetic.SyntheticConfig(**{field: value})
+
+
+def test_variants_use_their_label_space_part_sizes_and_textures():
+    assert set(synthetic.DEV_VARIANTS).isdisjoint(synthetic.HELDOUT_VARIANTS)
+    assert set(synthetic.DEV_VARIANTS) | set(synthetic.HELDOUT_VARIANTS) == set(synthetic.VARIANTS)
+    assert len(synthetic.HELDOUT_VARIANTS) >= 3
+    cfg = synthetic.VARIANTS["voc20-striped"]
+    assert synthetic.class_names(cfg)[1:] == list(cfg.label_space) and len(cfg.label_space) == 20
+    used = set(cfg.used_ids())
+    seen, diameters = set(), []
+    for i in range(30):
+        scene = synthetic.render_scene(cfg, "train", i)
+        seen |= set(scene.objects)
+        assert 130 <= min(scene.mask.shape) and max(scene.mask.shape) <= 170
+        row = synthetic.generate_sample(cfg, "train", i)
+        assert set(row["labels"]) <= used and row["labels"] == sorted(set(np.unique(scene.mask).tolist()) - {0})
+        for k in range(len(scene.objects)):
+            part = scene.parts & (scene.instances == k + 1)
+            diameters.append(2 * np.sqrt(part.sum() / np.pi))  # of the disc of the same area
+    assert seen == used
+    # Parts of 6-14 px across (occlusion and the body's edge may trim a few pixels).
+    assert 4 < min(diameters) and max(diameters) < 16 and np.median(diameters) > 8
+    # Every body texture renders and differs from the others.
+    looks = {texture: synthetic.render_scene(dataclasses.replace(CFG, body_texture=texture), "train", 0).image
+             for texture in synthetic.BODY_TEXTURES}
+    assert len({image.tobytes() for image in looks.values()}) == len(synthetic.BODY_TEXTURES)
