@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 
+from ray_wsss.core.data import shapes
 from ray_wsss.data import synthetic
 from ray_wsss.data.augment import ClassifierTransform, multi_hot, normalize
 from ray_wsss.evaluate import ThresholdSweep
@@ -39,6 +40,9 @@ from ray_wsss.seeds.extract import ExtractSeedsConfig, seed_scores_for_method
 from ray_wsss.train import metrics
 from ray_wsss.train.classifier import TrainClassifierConfig, TrainStep
 from ray_wsss.train.optim import build_optimizer, poly_schedule
+
+
+SHAPES = "shapes"  # --variants name of the whole-object pretraining task
 
 
 @dataclasses.dataclass
@@ -61,15 +65,26 @@ class VariantData:
 
 
 def render(name: str, num_train: int | None = None, num_val: int | None = None) -> VariantData:
-    cfg = synthetic.VARIANTS[name]
+    """A synthetic WSSS variant, or ``shapes``: the whole-object pretraining task."""
+    if name == SHAPES:
+        cfg = shapes.ShapesConfig()
+        names, scene = shapes.class_names(), shapes.render_scene
+    else:
+        cfg = synthetic.VARIANTS[name]
+        names = synthetic.class_names(cfg)
+        scene = _wsss_scene
     cfg = dataclasses.replace(cfg, num_train=num_train or cfg.num_train, num_val=num_val or cfg.num_val)
-    data = VariantData({}, {}, {}, len(synthetic.class_names(cfg)))
-    for split, count in synthetic.split_sizes(cfg).items():
-        scenes = [synthetic.render_scene(cfg, split, i) for i in range(count)]
-        data.images[split] = [s.image for s in scenes]
-        data.masks[split] = [s.mask for s in scenes]
-        data.labels[split] = [sorted(int(c) for c in np.unique(s.mask) if c) for s in scenes]
+    data = VariantData({}, {}, {}, len(names))
+    for split, count in {"train": cfg.num_train, "val": cfg.num_val}.items():
+        images, masks = zip(*(scene(cfg, split, i) for i in range(count)))
+        data.images[split], data.masks[split] = list(images), list(masks)
+        data.labels[split] = [sorted(int(c) for c in np.unique(m) if c) for m in masks]
     return data
+
+
+def _wsss_scene(cfg: synthetic.SyntheticConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    scene = synthetic.render_scene(cfg, split, index)
+    return scene.image, scene.mask
 
 
 def _targets(labels: list[list[int]], num_classes: int) -> torch.Tensor:
@@ -102,7 +117,9 @@ def train(recipe: Recipe, data: VariantData, log: Any = print) -> tuple[torch.nn
     two_views = alpha > 0 or beta > 0
     step_module = TrainStep(model, cfg.method, ACRLossConfig(alpha=alpha, beta=beta, layers=cfg.acr_layers)
                             if two_views else None, cfg.patch_size)
-    params = (param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=model.vit.no_weight_decay())
+    vit = getattr(model, "vit", model)
+    no_decay = [f"*{name}" for name in vit.no_weight_decay()]  # timm's names, under our module prefix
+    params = (param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_decay)
               if not recipe.decay_1d else model.parameters())
     optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.momentum)
     images, targets = data.images["train"], _targets(data.labels["train"], data.num_classes)
@@ -170,7 +187,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="default", help=f"comma list of {sorted(synthetic.VARIANTS)}")
+    parser.add_argument("--variants", default="default",
+                        help=f"comma list of {sorted(synthetic.VARIANTS)} or {SHAPES} (pretraining task)")
     parser.add_argument("--methods", default="acr", help="comma list of acr, baseline, mct-v1, mct-v2")
     parser.add_argument("--num-train", type=int, default=None, help="override the variant's train size")
     parser.add_argument("--num-val", type=int, default=None)
