@@ -33,7 +33,7 @@ from ray_wsss.core.data import shapes
 from ray_wsss.data import synthetic
 from ray_wsss.data.augment import ClassifierTransform, multi_hot, normalize
 from ray_wsss.evaluate import ThresholdSweep
-from ray_wsss.methods.acr import ACRLossConfig
+from ray_wsss.methods.acr import ACRLossConfig, classification_loss
 from ray_wsss.methods.views import random_view
 from ray_wsss.models import build_classifier
 from ray_wsss.seeds.extract import ExtractSeedsConfig, seed_scores_for_method
@@ -54,6 +54,34 @@ class Recipe:
     label_smoothing: float = 0.0                 # multi-hot targets y -> y (1 - e) + e / 2
     crop_scale: tuple[float, float] = (0.35, 1.0)
     decay_1d: bool = True                        # False: no weight decay on norms, biases, pos/cls tokens (timm groups)
+    aux_max_weight: float = 0.0                  # > 0: add the patch-max auxiliary loss (PatchMaxHead) with this weight
+    aux_epochs: int | None = None                # epochs that use it (None: all)
+
+
+class PatchMaxHead(torch.nn.Module):
+    """A training-only auxiliary: a linear class score per patch token, max over patches (multiple-
+    instance learning), on the tokens the final norm outputs. It sends each patch's gradient straight
+    to the patch that holds the evidence, which the class token's near-uniform attention of a
+    randomly initialised ViT does not. The class token, its attention and the logits are unchanged.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_classes: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(model.vit.embed_dim, num_classes)
+        self.prefix = model.num_prefix_tokens
+        self.captured: list[torch.Tensor] = []
+        model.vit.norm.register_forward_hook(self._capture)
+
+    def _capture(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        if self.training:
+            self.captured.append(output)
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over the forwards since the last call (both views for ACR)."""
+        losses = [classification_loss(self.linear(tokens[:, self.prefix:]).amax(dim=1), labels)
+                  for tokens in self.captured]
+        self.captured = []
+        return torch.stack(losses).mean()
 
 
 @dataclasses.dataclass
@@ -117,10 +145,12 @@ def train(recipe: Recipe, data: VariantData, log: Any = print) -> tuple[torch.nn
     two_views = alpha > 0 or beta > 0
     step_module = TrainStep(model, cfg.method, ACRLossConfig(alpha=alpha, beta=beta, layers=cfg.acr_layers)
                             if two_views else None, cfg.patch_size)
+    aux = PatchMaxHead(model, num_fg) if recipe.aux_max_weight > 0 else None
+    trained = torch.nn.ModuleList([model] + ([aux] if aux else []))
     vit = getattr(model, "vit", model)
     no_decay = [f"*{name}" for name in vit.no_weight_decay()]  # timm's names, under our module prefix
-    params = (param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_decay)
-              if not recipe.decay_1d else model.parameters())
+    params = (param_groups_weight_decay(trained, cfg.weight_decay, no_weight_decay_list=no_decay)
+              if not recipe.decay_1d else trained.parameters())
     optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.momentum)
     images, targets = data.images["train"], _targets(data.labels["train"], data.num_classes)
     steps_per_epoch = max(1, len(images) // cfg.batch_size)
@@ -142,6 +172,11 @@ def train(recipe: Recipe, data: VariantData, log: Any = print) -> tuple[torch.nn
             labels = targets[index] * (1 - smoothing) + smoothing / 2
             view = random_view(view_rng, scales=cfg.view_scales) if two_views else None
             losses = step_module(batch, labels, view)
+            if aux is not None:
+                aux_loss = aux.loss(labels)
+                if recipe.aux_epochs is None or epoch < recipe.aux_epochs:
+                    losses["aux"] = aux_loss
+                    losses["total"] = losses["total"] + recipe.aux_max_weight * aux_loss
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
@@ -181,6 +216,21 @@ def seed_quality(model: torch.nn.Module, method: str, data: VariantData, count: 
     return result
 
 
+def table(results: str) -> str:
+    """A markdown table of the runs in a --results file."""
+    lines = ["| variant | method | recipe | epochs | held-out F1 | mAP | first epoch F1 >= 0.8 | "
+             "seed mIoU (refined / not / trivial) | s/epoch wall | CPU s/epoch |", "|" + "---|" * 10]
+    for line in open(results):
+        run = json.loads(line)
+        final = run["final"]
+        seeds = (" / ".join(f"{run[k]:.3f}" for k in ("seed_miou", "seed_miou_unrefined", "seed_miou_trivial"))
+                 if "seed_miou" in run else "")
+        lines.append(f"| {run['variant']} | {run['method']} | {run['tag']} | {final['epoch']} | {final['val_f1']:.3f} | "
+                     f"{final['val_map']:.3f} | {run['first_epoch_f1_0.8'] or '-'} | {seeds} | "
+                     f"{run['mean_epoch_s']} | {run['mean_epoch_cpu_s']} |")
+    return "\n".join(lines)
+
+
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
 
@@ -211,13 +261,19 @@ def main() -> None:
     parser.add_argument("--crop-scale", type=_floats, default=(0.35, 1.0))
     parser.add_argument("--view-scales", type=_floats, default=(1.0, 1.25))
     parser.add_argument("--no-decay-1d", action="store_true", help="timm param groups: no decay on norms/biases/tokens")
+    parser.add_argument("--aux-max", type=float, default=0.0, help="weight of the patch-max auxiliary loss")
+    parser.add_argument("--aux-epochs", type=int, default=None, help="epochs with the auxiliary loss (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seed-images", type=int, default=0, help="score seeds on this many train images")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save-weights", default=None, help="save the last model's state dict here")
     parser.add_argument("--tag", default="", help="label stored with the results")
     parser.add_argument("--results", default=None, help="append one JSON line per run to this file")
+    parser.add_argument("--table", metavar="RESULTS", help="print the runs of a --results file as a table and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     torch.set_num_threads(args.threads)
 
     for variant in args.variants.split(","):
@@ -230,7 +286,8 @@ def main() -> None:
                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                     warmup_epochs=args.warmup_epochs, optimizer=args.optimizer, alpha=args.alpha, beta=args.beta,
                     view_scales=args.view_scales, seed=args.seed),
-                label_smoothing=args.label_smoothing, crop_scale=args.crop_scale, decay_1d=not args.no_decay_1d)
+                label_smoothing=args.label_smoothing, crop_scale=args.crop_scale, decay_1d=not args.no_decay_1d,
+                aux_max_weight=args.aux_max, aux_epochs=args.aux_epochs)
             prefix = f"[{variant} {method}{' ' + args.tag if args.tag else ''}] "
             model, history = train(recipe, data, log=lambda line: print(prefix + line, flush=True))
             summary = {"variant": variant, "method": method, "tag": args.tag, "args": vars(args),
