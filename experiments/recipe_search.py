@@ -73,7 +73,7 @@ class PatchMaxHead(torch.nn.Module):
         model.vit.norm.register_forward_hook(self._capture)
 
     def _capture(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
-        if self.training:
+        if module.training:  # the model's mode: evaluation forwards are not training evidence
             self.captured.append(output)
 
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
