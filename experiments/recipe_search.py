@@ -42,7 +42,8 @@ from ray_wsss.train.classifier import TrainClassifierConfig, TrainStep
 from ray_wsss.train.optim import build_optimizer, poly_schedule
 
 
-SHAPES = "shapes"  # --variants name of the whole-object pretraining task
+# --variants names of the whole-object pretraining task: outline only, or outline and hue
+SHAPES = {"shapes": shapes.ShapesConfig(), "shapes-hue": shapes.ShapesConfig(hue_cue=True)}
 
 
 @dataclasses.dataclass
@@ -94,8 +95,8 @@ class VariantData:
 
 def render(name: str, num_train: int | None = None, num_val: int | None = None) -> VariantData:
     """A synthetic WSSS variant, or ``shapes``: the whole-object pretraining task."""
-    if name == SHAPES:
-        cfg = shapes.ShapesConfig()
+    if name in SHAPES:
+        cfg = SHAPES[name]
         names, scene = shapes.class_names(), shapes.render_scene
     else:
         cfg = synthetic.VARIANTS[name]
@@ -238,7 +239,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="default",
-                        help=f"comma list of {sorted(synthetic.VARIANTS)} or {SHAPES} (pretraining task)")
+                        help=f"comma list of {sorted(synthetic.VARIANTS)} or {sorted(SHAPES)} (pretraining task)")
     parser.add_argument("--methods", default="acr", help="comma list of acr, baseline, mct-v1, mct-v2")
     parser.add_argument("--num-train", type=int, default=None, help="override the variant's train size")
     parser.add_argument("--num-val", type=int, default=None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ray_wsss.core.data import shapes
 from ray_wsss.data import synthetic
@@ -54,3 +55,15 @@ def test_colour_carries_no_category(scenes):
     assert len(centres) >= 5
     # Category centres sit well within the spread of individual objects (no colour code).
     assert (np.abs(centres - centres.mean(axis=0)) < 0.6 * spread).all()
+
+
+def test_hue_cue_colours_each_category():
+    cfg = shapes.ShapesConfig(seed=3, num_train=40, num_val=1, hue_cue=True)
+    for i in range(cfg.num_train):
+        image, mask = shapes.render_scene(cfg, "train", i)
+        hsv = np.asarray(Image.fromarray(image).convert("HSV"), np.float32)
+        for c in set(np.unique(mask).tolist()) - {0}:
+            hue = hsv[..., 0][mask == c] * 360 / 255
+            distance = np.abs((hue - 360 * (c - 1) / len(shapes.SHAPES) + 180) % 360 - 180)
+            # The category's hue fills a good share of every object (the rest is the second colour).
+            assert (distance < 25).mean() > 0.2

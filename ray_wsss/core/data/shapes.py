@@ -7,6 +7,9 @@ texture that say nothing about the category. Only the whole outline tells catego
 classifier must group an object's pixels; no small part gives it away. It is a different generator
 from the WSSS data (:mod:`ray_wsss.data.synthetic`), whose classes differ only by a small part.
 
+With ``hue_cue`` each category also has its own hue, over the whole object: an easier start (a
+randomly initialised ViT finds colour before outline) that still rewards attending to whole objects.
+
 Scenes hold 1-3 objects (categories may repeat) on the WSSS generator's backgrounds and clutter;
 sample ``i`` of split ``s`` depends only on ``(seed, s, i)``.
 """
@@ -32,6 +35,7 @@ class ShapesConfig:
     min_size: int = 64
     max_size: int = 128
     max_objects: int = 3
+    hue_cue: bool = False  # True: category c's fill has hue 360 c / len(SHAPES) (+-12 degrees)
 
     def __post_init__(self) -> None:
         for name in ("seed", "num_train", "num_val", "min_size", "max_size", "max_objects"):
@@ -40,6 +44,8 @@ class ShapesConfig:
                 raise ValueError(f"ShapesConfig.{name} must be an int >= 0, got {value!r}")
         if not 32 <= self.min_size <= self.max_size:
             raise ValueError(f"ShapesConfig: need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if not isinstance(self.hue_cue, bool):
+            raise ValueError(f"ShapesConfig.hue_cue must be a bool, got {self.hue_cue!r}")
         if self.max_objects < 1:
             raise ValueError(f"ShapesConfig.max_objects must be >= 1, got {self.max_objects}")
 
@@ -75,13 +81,13 @@ def render_scene(cfg: ShapesConfig, split: str, index: int) -> tuple[np.ndarray,
                 break
         else:
             continue
-        canvas.image[region] = _fill(rng, canvas, region)
+        canvas.image[region] = _fill(rng, canvas, region, _category_hue(cfg, category))
         placed = [old & ~region for old in placed] + [region]
         mask[region] = category + 1
     if not placed:  # every try collided: one object on its own always fits
         category = int(rng.integers(0, len(SHAPES)))
         region = _silhouette(rng, SHAPES[category], canvas.yy, canvas.xx, min(height, width))
-        canvas.image[region] = _fill(rng, canvas, region)
+        canvas.image[region] = _fill(rng, canvas, region, _category_hue(cfg, category))
         mask[region] = category + 1
     noise = rng.normal(0.0, 5.0, canvas.image.shape)
     return np.clip(canvas.image + noise, 0, 255).astype(np.uint8), mask
@@ -130,10 +136,20 @@ def _regular_polygon(u: np.ndarray, v: np.ndarray, sides: int) -> np.ndarray:
     return inside
 
 
-def _fill(rng: np.random.Generator, canvas: "synthetic._Canvas", region: np.ndarray) -> np.ndarray:
-    """[n, 3] colours for the region's pixels: a random colour and texture, the same for every category."""
-    first = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.2, 1))) * 255
-    second = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.2, 1))) * 255
+def _category_hue(cfg: ShapesConfig, category: int) -> float | None:
+    return category / len(SHAPES) if cfg.hue_cue else None
+
+
+def _fill(rng: np.random.Generator, canvas: "synthetic._Canvas", region: np.ndarray, hue: float | None) -> np.ndarray:
+    """[n, 3] colours for the region's pixels: a random texture between two random colours, or two
+    saturated shades of the given hue."""
+    if hue is None:
+        first, second = (np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.2, 1)))
+                         * 255 for _ in range(2))
+    else:  # two shades of the category's hue
+        hue = (hue + rng.uniform(-12, 12) / 360) % 1
+        first, second = (np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1), rng.uniform(0.45, 1))) * 255
+                         for _ in range(2))
     kind = FILLS[int(rng.integers(0, len(FILLS)))]
     yy, xx = canvas.yy[region], canvas.xx[region]
     if kind == "flat":
