@@ -127,22 +127,3 @@ def test_missing_parameters_are_an_error(tmp_path):
     torch.save(state, path)
     with pytest.raises(WsssError, match="blocks.1.mlp.fc1.weight"):
         load_weights(_tiny(), str(path))
-
-
-@pytest.mark.parametrize("stride", [8, 16])
-def test_hybrid_vit_patch_size_is_its_token_stride(stride):
-    """A conv-stem (hybrid) ViT: patch_size is pixels per token (stem reduction 4 x embedding patch)."""
-    model = _tiny(model_name="vit_tiny_r_s16_p8_224", img_size=32, patch_size=stride)
-    assert model.vit.patch_embed.feature_ratio == (4, 4) and model.patch_size == (stride, stride)
-    out = model(torch.randn(2, 3, 32, 48))
-    grid = (32 // stride, 48 // stride)
-    n = 1 + grid[0] * grid[1]
-    assert out.grid == grid and len(out.attentions) == 2
-    assert all(attn.shape == (2, 2, n, n) for attn in out.attentions)
-    (grad,) = torch.autograd.grad(out.logits[:, 0].sum(), out.attentions[-1])
-    assert grad.abs().sum() > 0
-
-
-def test_hybrid_vit_rejects_a_stride_finer_than_its_stem():
-    with pytest.raises(WsssError, match=r"patch size 2 must be a multiple of its stem's reduction \(4, 4\)"):
-        _tiny(model_name="vit_tiny_r_s16_p8_224", patch_size=2)

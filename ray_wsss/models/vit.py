@@ -21,7 +21,6 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
-from timm.models import vision_transformer_hybrid
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from ray_wsss import storage
@@ -36,9 +35,9 @@ _KEY_PREFIXES = ("module.", "vit.")
 
 @dataclasses.dataclass
 class ViTConfig:
-    model_name: str = "vit_tiny_patch16_224"  # any timm ViT/DeiT name, or a hybrid (conv stem) ViT
+    model_name: str = "vit_tiny_patch16_224"  # any timm ViT/DeiT name
     img_size: int = 96
-    patch_size: int = 16  # token stride in input pixels (a hybrid's: stem reduction x embedding patch)
+    patch_size: int = 16
     depth: int | None = None       # None = the named model's depth
     embed_dim: int | None = None   # None = the named model's
     num_heads: int | None = None
@@ -77,12 +76,22 @@ class AttentionViT(nn.Module):
     def __init__(self, cfg: ViTConfig, num_classes: int):
         super().__init__()
         self.cfg = cfg
-        self.vit = _create_vit(cfg, num_classes)
+        optional = {"depth": cfg.depth, "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads}
+        self.vit = timm.create_model(
+            cfg.model_name,
+            pretrained=False,
+            num_classes=num_classes,
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            dynamic_img_size=True,  # pos-embed interpolated per forward: any size, non-square too
+            global_pool="token",
+            drop_path_rate=cfg.drop_path_rate,
+            **{k: v for k, v in optional.items() if v is not None},
+        )
         if getattr(self.vit, "cls_token", None) is None or not hasattr(self.vit, "blocks"):
             raise WsssError(f"{cfg.model_name} is not a class-token ViT; AttentionViT needs one")
         self.num_prefix_tokens: int = int(self.vit.num_prefix_tokens)
-        # Pixels per token side: the patch for a plain ViT, stem reduction x patch for a hybrid.
-        self.patch_size: tuple[int, int] = tuple(self.vit.patch_embed.feat_ratio(as_scalar=False))
+        self.patch_size: tuple[int, int] = tuple(self.vit.patch_embed.patch_size)
         self._recorder = _AttentionRecorder()
         for index, block in enumerate(self.vit.blocks):
             attn = getattr(block, "attn", None)
@@ -111,26 +120,6 @@ class AttentionViT(nn.Module):
                 "the installed timm's Attention no longer routes probabilities through attn_drop")
         return ClassifierOutput(logits=logits, attentions=attentions, grid=(height // ph, width // pw),
                                 num_prefix_tokens=self.num_prefix_tokens)
-
-
-def _create_vit(cfg: ViTConfig, num_classes: int) -> nn.Module:
-    """The timm model with ``cfg.patch_size`` as its token stride.
-
-    A hybrid ViT's timm ``patch_size`` is the patch on its conv stem's feature map, so it is the
-    stride divided by the stem's reduction, which a first build with the model's own patch reveals.
-    """
-    optional = {"depth": cfg.depth, "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads}
-    kwargs = dict(pretrained=False, num_classes=num_classes, img_size=cfg.img_size,
-                  dynamic_img_size=True,  # pos-embed interpolated per forward: any size, non-square too
-                  global_pool="token", drop_path_rate=cfg.drop_path_rate,
-                  **{k: v for k, v in optional.items() if v is not None})
-    if timm.models.model_entrypoint(cfg.model_name).__module__ != vision_transformer_hybrid.__name__:
-        return timm.create_model(cfg.model_name, patch_size=cfg.patch_size, **kwargs)
-    reduction = timm.create_model(cfg.model_name, **kwargs).patch_embed.feature_ratio
-    if any(cfg.patch_size % r or cfg.img_size % cfg.patch_size for r in reduction):
-        raise WsssError(f"{cfg.model_name}: patch size {cfg.patch_size} must be a multiple of its stem's "
-                        f"reduction {tuple(reduction)} and divide img_size {cfg.img_size}")
-    return timm.create_model(cfg.model_name, patch_size=cfg.patch_size // reduction[0], **kwargs)
 
 
 def create_classifier(cfg: ViTConfig, num_classes: int,
