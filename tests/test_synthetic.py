@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import pytest
@@ -109,3 +110,76 @@ def test_distractors_and_occlusion_happen(scenes):
     body_means = [s.image[(s.instances > 0) & ~s.parts].mean() for s in scenes]
     distractor_means = [s.image[s.distractors].mean() for s in with_distractors]
     assert min(body_means) - 10 < np.median(distractor_means) < max(body_means) + 10
+
+
+# sha256 (first 16 hex digits) of every layer of a scene, recorded with the generator as it was
+# before its variant fields existed (numpy 2.4; identical with numpy's AVX-512 and AVX2 kernels
+# disabled): new options must leave the default data exactly as it was.
+DEFAULT_DIGESTS = [
+    (synthetic.SyntheticConfig(), {
+        ("train", 0): "93e48b81aec5cfdb", ("train", 1): "ca915a36423ce0d9", ("train", 5): "9596d1c436a2703b",
+        ("train", 17): "9c6db851be6b319e", ("val", 0): "179c4639a6d437d1", ("val", 1): "e7252abb3028f08e",
+        ("val", 5): "8bdd1d5d7ef15976", ("val", 17): "33517aa338d25e62"}),
+    (synthetic.SyntheticConfig(seed=7, min_size=80, max_size=160), {
+        ("train", 0): "2b25a932f7472a2f", ("train", 1): "9777e761a048e348", ("train", 5): "a147cdaf43464660",
+        ("train", 17): "90e4f66a72592367", ("val", 0): "1382b69a60d0ee68", ("val", 1): "4cd0d90221b0c37c",
+        ("val", 5): "a022de011ab968af", ("val", 17): "7d6a336e2a41dedd"}),
+]
+
+
+def _scene_digest(scene: synthetic.SyntheticScene) -> str:
+    digest = hashlib.sha256()
+    for layer in (scene.image, scene.mask, scene.instances, scene.parts, scene.distractors):
+        digest.update(np.ascontiguousarray(layer).tobytes())
+    digest.update(repr((scene.objects, scene.object_areas, scene.num_distractors)).encode())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(("cfg", "expected"), DEFAULT_DIGESTS, ids=["default", "seed7-80-160"])
+def test_default_rendering_is_unchanged(cfg, expected):
+    assert {key: _scene_digest(synthetic.render_scene(cfg, *key)) for key in expected} == expected
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("part_size", (2.0, 10.0), r"part_size \(2.0, 10.0\): need 4 <= min <= max <= 40"),
+    ("part_size", (12.0, 8.0), "part_size"),
+    ("part_size", "big", "part_size must be"),
+    ("body_texture", "plaid", "body_texture 'plaid' is not one of"),
+    ("background_textures", ("stripes", "waves"), "background_textures"),
+    ("background_textures", (), "background_textures"),
+    ("used_classes", ("cat",), r"used_classes \['cat'\] are not in label_space"),
+    ("label_space", ("a", "a"), "label_space"),
+    ("label_space", tuple("abcdefgh"), "uses 8 classes"),
+    ("seed", 1.5, "seed must be an int"),
+    ("num_val", -1, "num_val"),
+    ("min_size", 16, "needs 32 <= min_size"),
+])
+def test_config_fields_are_validated(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        synthetic.SyntheticConfig(**{field: value})
+
+
+def test_variants_use_their_label_space_part_sizes_and_textures():
+    assert set(synthetic.DEV_VARIANTS).isdisjoint(synthetic.HELDOUT_VARIANTS)
+    assert set(synthetic.DEV_VARIANTS) | set(synthetic.HELDOUT_VARIANTS) == set(synthetic.VARIANTS)
+    assert len(synthetic.HELDOUT_VARIANTS) >= 3
+    cfg = synthetic.VARIANTS["voc20-striped"]
+    assert synthetic.class_names(cfg)[1:] == list(cfg.label_space) and len(cfg.label_space) == 20
+    used = set(cfg.used_ids())
+    seen, diameters = set(), []
+    for i in range(30):
+        scene = synthetic.render_scene(cfg, "train", i)
+        seen |= set(scene.objects)
+        assert 130 <= min(scene.mask.shape) and max(scene.mask.shape) <= 170
+        row = synthetic.generate_sample(cfg, "train", i)
+        assert set(row["labels"]) <= used and row["labels"] == sorted(set(np.unique(scene.mask).tolist()) - {0})
+        for k in range(len(scene.objects)):
+            part = scene.parts & (scene.instances == k + 1)
+            diameters.append(2 * np.sqrt(part.sum() / np.pi))  # of the disc of the same area
+    assert seen == used
+    # Parts of 6-14 px across (occlusion and the body's edge may trim a few pixels).
+    assert 4 < min(diameters) and max(diameters) < 16 and np.median(diameters) > 8
+    # Every body texture renders and differs from the others.
+    looks = {texture: synthetic.render_scene(dataclasses.replace(CFG, body_texture=texture), "train", 0).image
+             for texture in synthetic.BODY_TEXTURES}
+    assert len({image.tobytes() for image in looks.values()}) == len(synthetic.BODY_TEXTURES)
