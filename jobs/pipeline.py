@@ -7,9 +7,10 @@
 
 Each stage writes under --out/<stage>/ and is skipped when already committed, so rerunning the
 same command after a crash carries on. Stage settings go in the YAML under the stage's name
-(prepare:, train:, seeds:, affinity_labels:, affinity:, masks:, deeplab:, segment:). With
-masks: {method: psa} (or psa+crf) the pipeline trains AffinityNet (affinity_labels, affinity) before the
-masks; --affinity-seeds unrefined trains it on seeds extracted without refinement (ACR's recipe).
+(prepare:, train:, seeds:, affinity_labels:, affinity:, masks:, deeplab:, segment:), and the protocol of
+every evaluation under evaluate:. With masks: {method: psa} (or psa+crf) the pipeline trains AffinityNet
+(affinity_labels, affinity) before the masks; --affinity-seeds unrefined trains it on seeds extracted without
+refinement (ACR's recipe). configs/ holds the papers' recipes (README: "Reproducing the papers").
 """
 import _cli
 

@@ -10,6 +10,12 @@ them: ``affinity_labels`` (from the seeds) and ``affinity`` (AffinityNet trainin
 AffinityNet learns from are the masks' own, or with ``affinity_seeds: unrefined`` a second extraction without
 the affinity refinement (``affinity_seeds`` stage): ACR's recipe, AffinityNet trained on ACR* seeds walking the
 refined ones.
+
+The ``evaluate:`` section sets the evaluation protocol (threshold grid and pick, averaging) of every evaluation the
+pipeline runs; what each evaluation scores (``pred``, ``kind``, ``split``, ``data``, ``out``) is the pipeline's.
+With ``val_data`` (prepared sample shards of the held-out split, e.g. COCO's val2014, which ``prepare_data`` makes
+from its own annotations file) the pipeline prepares only the training split and validates, segments and scores
+the held-out one from there.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ log = logging.getLogger(__name__)
 STAGES = ("prepare", "train", "seeds", "eval_seeds", "masks", "eval_masks", "deeplab", "segment", "eval_segment")
 PSA_STAGES = ("affinity_seeds", "affinity_labels", "affinity")  # before "masks" when the masks walk
 AFFINITY_SEEDS = ("seeds", "unrefined")
+EVALUATE_WIRED = ("pred", "kind", "split", "data", "out")  # set per evaluation by the pipeline
 
 
 @dataclasses.dataclass
@@ -38,6 +45,9 @@ class PipelineConfig:
     format: str = option("synthetic", "layout of a raw --data", choices=("synthetic", "voc", "coco"))
     annotations: str | None = option(None, "COCO instances JSON when --format coco")
     split: str = option("train,val", "splits to prepare; the first trains, the last is scored")
+    val_data: str | None = option(None, "prepared sample shards of the held-out split (the last of --split) when "
+                                        "--data holds only the training split (COCO: one split per annotations "
+                                        "file); validation, segment and its evaluation read it")
     method: str = option("acr", "classifier method", choices=list_methods())
     use_gpu: bool = option(False, "GPUs for training, seeds and segmentation")
     num_workers: int = option(1, "Ray Train workers for every training", min=1)
@@ -54,12 +64,20 @@ class PipelineConfig:
     masks: dict = dataclasses.field(default_factory=dict)
     deeplab: dict = dataclasses.field(default_factory=dict)
     segment: dict = dataclasses.field(default_factory=dict)
+    evaluate: dict = dataclasses.field(default_factory=dict)  # the protocol of every evaluation
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
         """Each stage section's types and ranges now, not when its stage starts hours later."""
         for section, cls in stage_configs().items():
             setattr(self, section, config_lib.check_fields(cls, getattr(self, section), f"the `{section}:` section"))
+        wired = sorted(set(self.evaluate) & set(EVALUATE_WIRED))
+        if wired:
+            raise ValueError(f"the `evaluate:` section sets {wired}, which the pipeline sets for each evaluation; "
+                             "it takes the protocol only (thresholds, threshold_pick, mean_over, threshold, ...)")
+        if self.val_data is not None and len(self.splits()) < 2:
+            raise ValueError(f"val_data holds the held-out split: --split names the training split first and the "
+                             f"held-out one last, got {self.split!r}")
         if self.affinity_seeds != "seeds" and not self.walks():
             raise ValueError(f"affinity_seeds: {self.affinity_seeds} is for masks: {{method: psa}} or psa+crf; "
                              f"the masks' method is {self.masks_method()!r}")
@@ -80,11 +98,14 @@ class PipelineConfig:
         before = STAGES.index("masks")
         return (*STAGES[:before], *psa, *STAGES[before:])
 
+    def splits(self) -> list[str]:
+        return [name.strip() for name in self.split.split(",")]
+
     def train_split(self) -> str:
-        return self.split.split(",")[0].strip()
+        return self.splits()[0]
 
     def eval_split(self) -> str:
-        return self.split.split(",")[-1].strip()
+        return self.splits()[-1]
 
     def uri(self, stage: str) -> str:
         return storage.join(self.out, stage)
@@ -94,6 +115,7 @@ def stage_configs() -> dict[str, type]:
     """The config class each YAML section of the pipeline fills (imported here: each pulls its stage's deps)."""
     from ray_wsss.stages import (
         affinity_labels,
+        evaluate,
         extract_seeds,
         make_masks,
         prepare_data,
@@ -106,7 +128,8 @@ def stage_configs() -> dict[str, type]:
     return {"prepare": prepare_data.PrepareConfig, "train": train_acr.TrainClassifierConfig,
             "seeds": extract_seeds.ExtractSeedsConfig, "affinity_labels": affinity_labels.AffinityLabelsConfig,
             "affinity": train_affinity.TrainAffinityConfig, "masks": make_masks.MakeMasksConfig,
-            "deeplab": train_deeplab.TrainDeepLabConfig, "segment": segment.SegmentConfig}
+            "deeplab": train_deeplab.TrainDeepLabConfig, "segment": segment.SegmentConfig,
+            "evaluate": evaluate.EvaluateConfig}
 
 
 def _is_prepared(uri: str, options: StorageOptions) -> bool:
@@ -126,18 +149,21 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
 
     opts = cfg.storage
     data = cfg.data if cfg.data and _is_prepared(cfg.data, opts) else cfg.uri("data")
+    held_out = cfg.val_data or data  # what validation, segment and its evaluation read
+    validation = {"val_data": cfg.val_data, "val_split": cfg.eval_split()}
     seeds_eval, masks_eval, seg_eval = (storage.join(cfg.uri(s), "eval") for s in ("seeds", "masks", "segment"))
     gpu = {"use_gpu": cfg.use_gpu}
 
     def prepare_stage():
         if data != cfg.uri("data"):
             return {"stage": "prepare", "skipped": True, "out": data, "note": "--data is prepared already"}
-        wired = {"out": data, "format": cfg.format, "src": cfg.data, "split": cfg.split, "annotations": cfg.annotations}
+        splits = cfg.train_split() if cfg.val_data else cfg.split  # the held-out split is prepared already
+        wired = {"out": data, "format": cfg.format, "src": cfg.data, "split": splits, "annotations": cfg.annotations}
         return prepare_data.run(_stage_config(prepare_data.PrepareConfig, wired, cfg.prepare, opts))
 
-    def evaluation(pred: str, out: str, kind: str, split: str | None) -> Callable[[], dict[str, Any]]:
-        return lambda: evaluate.run(evaluate.EvaluateConfig(pred=pred, data=data, kind=kind, out=out, split=split,
-                                                            storage=opts))
+    def evaluation(pred: str, out: str, kind: str, split: str, truth: str = data) -> Callable[[], dict[str, Any]]:
+        wired = {"pred": pred, "data": truth, "kind": kind, "out": out, "split": split}
+        return lambda: evaluate.run(_stage_config(evaluate.EvaluateConfig, wired, cfg.evaluate, opts))
 
     # The masks' background threshold is the seeds evaluation's best one, unless the YAML sets one.
     threshold = {} if "threshold" in cfg.masks else {"threshold_from": storage.join(seeds_eval, "summary.json")}
@@ -148,7 +174,7 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
         ("train", cfg.uri("train"), lambda: _skip_or(cfg.uri("train"), opts, lambda: train_acr.run(_stage_config(
             train_acr.TrainClassifierConfig,
             {"data": data, "out": cfg.uri("train"), "method": cfg.method, "num_workers": cfg.num_workers,
-             "train_split": cfg.train_split(), "val_split": cfg.eval_split(), **gpu}, cfg.train, opts)))),
+             "train_split": cfg.train_split(), **validation, **gpu}, cfg.train, opts)))),
         ("seeds", cfg.uri("seeds"), lambda: extract_seeds.run(_stage_config(
             extract_seeds.ExtractSeedsConfig, {"checkpoint": cfg.uri("train"), "data": data, "out": cfg.uri("seeds"),
                                          "refine": refine_by_default(cfg), **gpu},
@@ -163,11 +189,11 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
         ("deeplab", cfg.uri("deeplab"), lambda: _skip_or(cfg.uri("deeplab"), opts, lambda: train_deeplab.run(_stage_config(
             train_deeplab.TrainDeepLabConfig,
             {"masks": cfg.uri("masks"), "data": data, "out": cfg.uri("deeplab"), "num_workers": cfg.num_workers,
-             "train_split": cfg.train_split(), "val_split": cfg.eval_split(), **gpu}, cfg.deeplab, opts)))),
+             "train_split": cfg.train_split(), **validation, **gpu}, cfg.deeplab, opts)))),
         ("segment", cfg.uri("segment"), lambda: segment.run(_stage_config(
-            segment.SegmentConfig, {"checkpoint": cfg.uri("deeplab"), "data": data, "out": cfg.uri("segment"),
+            segment.SegmentConfig, {"checkpoint": cfg.uri("deeplab"), "data": held_out, "out": cfg.uri("segment"),
                                     "split": cfg.eval_split(), **gpu}, cfg.segment, opts))),
-        ("eval_segment", seg_eval, evaluation(cfg.uri("segment"), seg_eval, "masks", cfg.eval_split())),
+        ("eval_segment", seg_eval, evaluation(cfg.uri("segment"), seg_eval, "masks", cfg.eval_split(), held_out)),
     ]
 
 
@@ -198,7 +224,7 @@ def _psa_runners(cfg: PipelineConfig, data: str) -> list[tuple[str, str, Callabl
             _stage_config(train_affinity.TrainAffinityConfig,
                           {"labels": cfg.uri("affinity_labels"), "data": data, "out": cfg.uri("affinity"),
                            "num_workers": cfg.num_workers, "train_split": cfg.train_split(),
-                           "val_split": cfg.eval_split(), **gpu}, cfg.affinity, opts)))),
+                           "val_data": cfg.val_data, "val_split": cfg.eval_split(), **gpu}, cfg.affinity, opts)))),
     ]
     return [runner for runner in runners if runner[0] in cfg.stage_names()]
 

@@ -46,6 +46,7 @@ class TrainClassifierConfig(training.TrainingConfig):
     depth: int | None = option(None, "number of ViT blocks (default: the model's)", min=1)
     embed_dim: int | None = option(None, "embedding width (default: the model's)", min=1)
     num_heads: int | None = option(None, "attention heads (default: the model's)", min=1)
+    drop_path_rate: float = option(0.0, "stochastic depth of the ViT blocks (MCTformer's main.py: 0.1)", min=0, max=1)
     weights: str | None = option(None, "initial weights file (timm/DeiT state dict or a checkpoint), local or s3://")
     alpha: float | None = option(None, "weight of Lact (default for acr: 125 with --weights, as the paper; 1 from "
                                        "random init; 0 for baseline/mct)", min=0)
@@ -69,7 +70,7 @@ class TrainClassifierConfig(training.TrainingConfig):
     def vit_config(self) -> ViTConfig:
         return ViTConfig(model_name=self.model, img_size=self.img_size, patch_size=self.patch_size,
                          depth=self.depth, embed_dim=self.embed_dim, num_heads=self.num_heads,
-                         weights=self.weights, pre_norm_head=self.pre_norm_head,
+                         drop_path_rate=self.drop_path_rate, weights=self.weights, pre_norm_head=self.pre_norm_head,
                          pos_embed_resampler=self.pos_embed_resampler)
 
     def consistency_weights(self) -> tuple[float, float]:
