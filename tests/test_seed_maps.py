@@ -7,7 +7,7 @@ import torch
 
 from ray_wsss.core.methods import get_method
 from ray_wsss.core.models.vit import AttentionViT, ViTConfig
-from ray_wsss.core.seeds.acr_maps import GRAD_STRATEGIES, ACRMapConfig, class_maps, naive_class_maps
+from ray_wsss.core.seeds.acr_maps import GRAD_STRATEGIES, ACRMapConfig, captured_blocks, class_maps, naive_class_maps
 from ray_wsss.core.seeds.tta import TTAConfig, minmax_per_class, scaled_size
 
 ACR = get_method("acr")
@@ -68,6 +68,19 @@ def test_batched_equals_naive_loop(model, images, strategy, cfg_name):
         assert got.shape == want.shape == (len(row), 4, 6)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_maps_capture_only_the_blocks_they_read(model, images, monkeypatch):
+    """The naive reference above captures every block; class_maps only what it reads, the rest run fused."""
+    assert captured_blocks(model, _CFGS["default"]) is None                     # refinement reads every block
+    assert captured_blocks(model, _CFGS["acr_star"]) == [1, 2]                  # the last grad_layers = 2
+    assert captured_blocks(model, _CFGS["grad1_refine_first_last"]) == [0, 2]
+    fused_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: fused_calls.append(1) or sdpa(*a, **k))
+    class_maps(model, images, CLASSES, _CFGS["acr_star"])
+    assert len(fused_calls) == 1                                                 # block 0, one forward
 
 
 def test_present_classes_only_in_given_order(model, images):
