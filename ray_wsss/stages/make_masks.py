@@ -25,6 +25,7 @@ from ray_wsss.core import config as config_lib
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.refine.crf import CRFConfig, LabellingConfig, make_mask
+from ray_wsss.core.seeds.stored import SeedFormat
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.harness import batch_stage
 from ray_wsss.harness.cluster import CPU_POOL_RESOURCE, pool_resources
@@ -62,8 +63,9 @@ class MakeMasksConfig(batch_stage.DataStageConfig):
                                crf_config=self.crf)
 
 
-def mask_row(record: dict[str, Any], labelling: LabellingConfig) -> dict[str, Any]:
-    """One sample with its seeds row (``record["seeds"]``) -> one masks row; RecordError names what is wrong."""
+def mask_row(record: dict[str, Any], labelling: LabellingConfig, seed_format: SeedFormat) -> dict[str, Any]:
+    """One sample with its seeds row (``record["seeds"]``, stored in ``seed_format``) -> one masks row;
+    RecordError names what is wrong."""
     image_id = record["image_id"]
     seeds = record.get("seeds")
     if seeds is None:
@@ -73,7 +75,7 @@ def mask_row(record: dict[str, Any], labelling: LabellingConfig) -> dict[str, An
     except Exception as err:
         raise RecordError(image_id, f"cannot decode image: {err}") from err
     try:
-        scores = codec.decode_scores(seeds["scores"])
+        scores = seed_format.read(seeds)
     except Exception as err:
         raise RecordError(image_id, f"bad seed scores: {err}") from err
     classes = [int(c) for c in seeds["classes"]]
@@ -87,11 +89,12 @@ def mask_row(record: dict[str, Any], labelling: LabellingConfig) -> dict[str, An
 class MaskMaker:
     """The masks worker on the CPU pool: (sample, seeds) records -> masks rows."""
 
-    columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image"], "seeds": ["image_id", "classes", "scores"]}
+    columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image"],
+                                               "seeds": ["image_id", "height", "width", "classes", "scores"]}
     unclaimed_are_errors = ("seeds",)  # a seeds row of an image the data lacks is reported, never dropped
 
-    def __init__(self, cfg: MakeMasksConfig, threshold: float):
-        self.labelling = cfg.labelling(threshold)
+    def __init__(self, cfg: MakeMasksConfig, threshold: float, seed_format: SeedFormat):
+        self.labelling, self.seed_format = cfg.labelling(threshold), seed_format
         self.out, self.options, self.node_recorded = cfg.out, cfg.storage, False
 
     def process(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
@@ -101,7 +104,7 @@ class MaskMaker:
         rows, failures = [], []
         for record in records:
             try:
-                rows.append(mask_row(record, self.labelling))
+                rows.append(mask_row(record, self.labelling, self.seed_format))
             except RecordError as err:
                 failures.append((err.image_id, err.message))
         return rows, failures
@@ -144,6 +147,7 @@ def run(cfg: MakeMasksConfig) -> dict[str, Any]:
 
 def _stage(cfg: MakeMasksConfig) -> batch_stage.BatchStage:
     seeds_meta = storage.read_json(storage.join(cfg.seeds, "dataset.json"), cfg.storage)
+    seed_format = SeedFormat.from_metadata(seeds_meta)
     threshold, threshold_source = resolve_threshold(cfg)
     seeds_splits = sorted(set(commit.file_splits(cfg.seeds, "seeds", cfg.storage).values()))
     files = batch_stage.samples_files(cfg.data, cfg.storage, cfg.splits() or seeds_splits)
@@ -164,23 +168,24 @@ def _stage(cfg: MakeMasksConfig) -> batch_stage.BatchStage:
     titles = ["image", f"seeds @{threshold:.2f}", "pseudo mask" + (" (CRF)" if cfg.crf.enabled else ""), "ground truth"]
 
     return batch_stage.BatchStage(
-        name=STAGE, table="masks", worker=MaskMaker, worker_args=(threshold,),
+        name=STAGE, table="masks", worker=MaskMaker, worker_args=(threshold, seed_format),
         tasks=batch_stage.follow_samples(cfg.data, sorted(files), cfg.storage, {"seeds": (cfg.seeds, "seeds")}),
         metadata=metadata, summary={"stage": STAGE, "out": cfg.out, "threshold": threshold, "crf": cfg.crf.enabled},
         remote_args=crf_pool_args(cfg), file_splits=files,
         after_tasks=lambda: {"worker_nodes": worker_nodes(cfg.out, cfg.storage)},
-        contact_sheet=lambda: batch_stage.contact_sheet(cfg.out, "masks", cfg.data, partial(_contact_panels, cfg, threshold),
-                                                        titles, cfg.storage))
+        contact_sheet=lambda: batch_stage.contact_sheet(
+            cfg.out, "masks", cfg.data, partial(_contact_panels, cfg, threshold, seed_format), titles, cfg.storage))
 
 
-def _contact_panels(cfg: MakeMasksConfig, threshold: float, row: dict[str, Any], sample: dict[str, Any]) -> list:
+def _contact_panels(cfg: MakeMasksConfig, threshold: float, seed_format: SeedFormat, row: dict[str, Any],
+                    sample: dict[str, Any]) -> list:
     """image | seed labelling (no CRF) | pseudo mask | ground truth."""
     from ray_wsss.core import viz
     from ray_wsss.core.metrics import scores_to_labels
 
     rgb = codec.decode_image(sample["image"])
     seed = commit.read_rows_by_id(cfg.seeds, "seeds", [row["image_id"]], cfg.storage).get(row["image_id"])
-    seed_labels = (scores_to_labels(codec.decode_scores(seed["scores"]), seed["classes"], threshold)
+    seed_labels = (scores_to_labels(seed_format.read(seed), seed["classes"], threshold)
                    if seed else np.zeros(rgb.shape[:2], np.uint8))
     gt = codec.decode_mask(sample["gt_mask"]) if sample["gt_mask"] else None
     return [rgb, viz.colorize(seed_labels), viz.colorize(codec.decode_mask(row["mask"])),
