@@ -4,6 +4,7 @@ import pyarrow as pa
 import pytest
 
 from ray_wsss.core import codec, commit, schema, storage
+from ray_wsss.core.seeds.stored import SeedFormat
 from ray_wsss.stages.evaluate import EvaluateConfig
 from ray_wsss.stages.evaluate import run as evaluate
 from ray_wsss.stages.extract_seeds import ExtractSeedsConfig
@@ -38,16 +39,19 @@ def test_seeds_shapes_classes_values_and_evaluation(run_dir):
     summary = extract_seeds(ExtractSeedsConfig(checkpoint=u["train"], data=u["data"], out=u["seeds"], batch_size=4))
     assert summary["rows"] == 18 and summary["errors"] == 0
     samples = {r["image_id"]: r for r in commit.read_table(u["data"], "samples").to_pylist()}
+    meta = storage.read_json(storage.join(u["seeds"], "dataset.json"))
+    assert meta["resolution"] == "grid" and meta["scores_encoding"] == "uint8" and "min-max" in meta["normalisation"]
+    seed_format = SeedFormat.from_metadata(meta)
     for row in commit.read_table(u["seeds"], "seeds").to_pylist():
         sample = samples[row["image_id"]]
-        scores = codec.decode_scores(row["scores"])
+        stored = codec.decode_scores(row["scores"])                     # the patch grid of the scale-1 view
+        assert stored.shape == (len(row["classes"]), (sample["height"] + 4) // 8, (sample["width"] + 4) // 8)  # halves up
+        scores = seed_format.read(row)                                  # what every reader sees
         assert row["classes"] == sample["labels"]                       # only the labelled classes
         assert scores.shape == (len(row["classes"]), sample["height"], sample["width"])
         assert scores.min() >= 0 and scores.max() <= 1 and np.isfinite(scores).all()
         if len(scores):
-            assert np.allclose(scores.reshape(len(scores), -1).max(1), 1, atol=1e-3)  # min-max per class
-    meta = storage.read_json(storage.join(u["seeds"], "dataset.json"))
-    assert meta["resolution"] == "image" and "min-max" in meta["normalisation"]
+            np.testing.assert_array_equal(stored.reshape(len(stored), -1).max(1), 1)  # min-max per class
     assert storage.exists(storage.join(u["seeds"], "contact_sheet.png"))
 
     result = evaluate(EvaluateConfig(pred=u["seeds"], data=u["data"], kind="seeds"))

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from ray_wsss.core.methods import get_method
+from ray_wsss.core.methods import MapOptions, get_method
 from ray_wsss.core.models.vit import AttentionViT, ViTConfig
-from ray_wsss.core.seeds.acr_maps import GRAD_STRATEGIES, ACRMapConfig, class_maps, naive_class_maps
+from ray_wsss.core.seeds.acr_maps import GRAD_STRATEGIES, ACRMapConfig, captured_blocks, class_maps, naive_class_maps
 from ray_wsss.core.seeds.tta import TTAConfig, minmax_per_class, scaled_size
+from ray_wsss.core.seeds.tta import seed_scores_batch as seed_scores_batch_with
 
 ACR = get_method("acr")
 
@@ -68,6 +69,19 @@ def test_batched_equals_naive_loop(model, images, strategy, cfg_name):
         assert got.shape == want.shape == (len(row), 4, 6)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_maps_capture_only_the_blocks_they_read(model, images, monkeypatch):
+    """The naive reference above captures every block; class_maps only what it reads, the rest run fused."""
+    assert captured_blocks(model, _CFGS["default"]) is None                     # refinement reads every block
+    assert captured_blocks(model, _CFGS["acr_star"]) == [1, 2]                  # the last grad_layers = 2
+    assert captured_blocks(model, _CFGS["grad1_refine_first_last"]) == [0, 2]
+    fused_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: fused_calls.append(1) or sdpa(*a, **k))
+    class_maps(model, images, CLASSES, _CFGS["acr_star"])
+    assert len(fused_calls) == 1                                                 # block 0, one forward
 
 
 def test_present_classes_only_in_given_order(model, images):
@@ -169,6 +183,28 @@ def test_tta_batch_equals_single(model):
         np.testing.assert_allclose(got, seed_scores(model, rgb, row), atol=1e-5)
     with pytest.raises(ValueError, match="image 1"):
         seed_scores_batch(model, [images[0], images[1][..., :2]], [[1], [1]])
+
+
+@pytest.mark.parametrize("max_views", [2, 6, 32])
+def test_filled_batches_give_the_maps_of_single_images(model, max_views):
+    """Many images per call share forwards by exact view size, in chunks of at most max_views views (flips
+    included): only the batch composition changes, so every image's maps equal its own call's (float tolerance)."""
+    rng = np.random.default_rng(5)
+    shapes = [(32, 48), (30, 50), (40, 24), (33, 47), (31, 45), (40, 24), (36, 52)]  # 4 share 32x48, 2 share 40x24
+    images = [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for shape in shapes]
+    classes = [[1, 2], [5], [3, 4, 1], [2], [4, 5], [1], [3]]
+    calls = []
+
+    def counted(m, x, c):
+        calls.append(len(x))
+        return get_method("acr").class_maps(m, x, c, MapOptions())
+
+    tta = TTAConfig(scales=(0.75, 1.0), max_views=max_views)
+    batch = seed_scores_batch_with(counted, model, images, classes, tta)
+    assert max(calls) <= max_views and (max_views < 8 or max(calls) == 8)  # 4 images + flips at scale 1
+    for rgb, row, got in zip(images, classes, batch):
+        alone = ACR.seed_scores(model, [rgb], [row], tta=TTAConfig(scales=(0.75, 1.0)))[0]
+        np.testing.assert_allclose(got, alone, rtol=1e-5, atol=1e-6)
 
 
 def test_sum_over_blocks_scales_the_maps_only(model, images):

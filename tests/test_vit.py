@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from ray_wsss.core.errors import WsssError
-from ray_wsss.core.models.vit import AttentionViT, ViTConfig, load_pretrained
+from ray_wsss.core.models.vit import AttentionViT, ViTConfig, capturing, load_pretrained
 from ray_wsss.core.weights import build_classifier, read_mapped, vit_state_dict
 
 NUM_CLASSES = 4
@@ -54,6 +54,25 @@ def test_attention_is_in_the_graph():
     (grad,) = torch.autograd.grad(out.logits[:, 1].sum(), out.attentions[-1])
     assert grad.shape == out.attentions[-1].shape
     assert grad.abs().sum() > 0
+
+
+def test_capturing_some_blocks_runs_the_others_fused(monkeypatch):
+    model = _tiny(depth=3)
+    x = torch.randn(2, 3, 24, 32, generator=torch.Generator().manual_seed(3))
+    everything = model(x)
+    fused_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: fused_calls.append(1) or sdpa(*a, **k))
+    with capturing(model, [-1]):
+        last_only = model(x)
+    assert len(fused_calls) == 2                     # blocks 0 and 1 ran timm's fused kernel
+    assert last_only.attentions[:2] == [None, None]
+    torch.testing.assert_close(last_only.attentions[2], everything.attentions[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(last_only.logits, everything.logits, rtol=1e-5, atol=1e-6)
+    restored = model(x)                              # outside the block: every block captured again
+    assert len(fused_calls) == 2 and all(a is not None for a in restored.attentions)
+    with pytest.raises(ValueError, match="block 3 does not exist"), capturing(model, [3]):
+        pass
 
 
 def test_logits_match_plain_timm_forward():

@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ray_wsss.core.errors import RecordError
 
 
 # The PASCAL VOC colour map, so masks open in any viewer with the colours people know.
@@ -100,38 +99,42 @@ def decode_mask(data: bytes) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-def encode_scores(scores: np.ndarray) -> bytes:
-    """float [C, h, w] -> .npy bytes of float16 (self-describing shape)."""
+SCORE_ENCODINGS = ("float16", "uint8")
+_UINT8_LEVELS = 255
+
+
+def encode_scores(scores: np.ndarray, encoding: str = "float16") -> bytes:
+    """float [C, h, w] -> .npy bytes (self-describing shape and dtype).
+
+    ``"float16"``: the values as float16. ``"uint8"``: scores in [0, 1] as ``round(255 * score)``, a step of
+    1/255 (at most 1/510 from the value); the seeds table's ``scores`` column is zstd-compressed on top.
+    """
+    if encoding not in SCORE_ENCODINGS:
+        raise ValueError(f"score encoding must be one of {SCORE_ENCODINGS}, got {encoding!r}")
+    scores = np.asarray(scores)
+    if scores.ndim != 3:
+        raise ValueError(f"scores must be [C, h, w], got shape {scores.shape}")
+    if encoding == "uint8":
+        if scores.size and not (np.isfinite(scores).all() and scores.min() >= 0 and scores.max() <= 1):
+            raise ValueError(f"uint8 scores must lie in [0, 1], got {scores.min()}..{scores.max()}")
+        scores = np.rint(scores.astype(np.float32) * _UINT8_LEVELS).astype(np.uint8)
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(scores, dtype=np.float16), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(scores, dtype=np.float16 if encoding == "float16" else np.uint8),
+            allow_pickle=False)
     return buf.getvalue()
 
 
 def decode_scores(data: bytes) -> np.ndarray:
-    """.npy bytes -> float32 [C, h, w]."""
+    """.npy bytes of either encoding -> float32 [C, h, w] at the stored size.
+
+    Readers of a seeds table use ``ray_wsss.core.seeds.stored.read_scores``, which also brings compact
+    maps to the image's size.
+    """
     arr = np.load(io.BytesIO(data), allow_pickle=False)
     if arr.ndim != 3:
         raise ValueError(f"scores must be [C, h, w], got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(_UINT8_LEVELS)
+    if arr.dtype != np.float16:
+        raise ValueError(f"scores must be float16 or uint8, got {arr.dtype}")
     return arr.astype(np.float32)
-
-
-def decode_seeded_sample(record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """A sample row (``image_id``, ``image``) with its seeds row under ``"seeds"`` -> (uint8 image [H, W, 3],
-    float32 scores [k, H, W], the k class ids); RecordError names what is missing or does not fit."""
-    image_id = record["image_id"]
-    seeds = record.get("seeds")
-    if seeds is None:
-        raise RecordError(image_id, "no seeds for this image in the seeds table")
-    try:
-        rgb = decode_image(record["image"])
-    except Exception as err:
-        raise RecordError(image_id, f"cannot decode image: {err}") from err
-    try:
-        scores = decode_scores(seeds["scores"])
-    except Exception as err:
-        raise RecordError(image_id, f"bad seed scores: {err}") from err
-    classes = [int(c) for c in seeds["classes"]]
-    if scores.shape != (len(classes), *rgb.shape[:2]):
-        raise RecordError(image_id, f"seed scores of shape {scores.shape} do not fit {len(classes)} classes "
-                                    f"of a {rgb.shape[0]}x{rgb.shape[1]} image")
-    return rgb, scores, classes

@@ -20,7 +20,7 @@ SEEDS = pa.schema([
     ("height", pa.int32()),
     ("width", pa.int32()),
     ("classes", pa.list_(pa.int16())),
-    ("scores", pa.binary()),         # float16 [len(classes), h, w]; resolution in dataset.json
+    ("scores", pa.binary()),         # npy float16 or uint8 [len(classes), h, w]; resolution in dataset.json
 ])
 
 MASKS = pa.schema([
@@ -45,6 +45,15 @@ ERRORS = pa.schema([
 
 SCHEMAS = {"samples": SAMPLES, "seeds": SEEDS, "masks": MASKS, "affinity_labels": AFFINITY_LABELS,
            "errors": ERRORS}
+DEFAULT_COMPRESSION = "snappy"  # pyarrow's default: images and masks are PNGs already
+# Columns written with another Parquet codec: zstd packs small score arrays and their repeated npy headers.
+COLUMN_COMPRESSION = {"seeds": {"scores": "zstd"}}
+
+
+def compression(table: str | None, columns: list[str]) -> dict[str, str]:
+    """The Parquet codec of each column of ``table`` (pyarrow's per-column ``compression``)."""
+    special = COLUMN_COMPRESSION.get(table or "", {})
+    return {name: special.get(name, DEFAULT_COMPRESSION) for name in columns}
 
 # A batch UDF returns rows of its table plus this column: null on success, the reason otherwise.
 # `split_errors` turns such a batch into the table rows and the errors rows.

@@ -336,7 +336,7 @@ class _TaskRunner:
         if target is not None:
             # Written last: a readable table file says the task (and its errors) is complete.
             write_table_file(commit.staging_uri(self.cfg.out, self.table), task.name,
-                             pa.Table.from_batches(rows_out, schema=target), self.cfg.storage)
+                             pa.Table.from_batches(rows_out, schema=target), self.cfg.storage, self.table)
         finish = getattr(self.worker, "task_result", None)
         return {**result, **(finish() if finish else {})}
 
@@ -415,12 +415,17 @@ def _rows_by_id(uri: str, columns: list[str] | None, options: StorageOptions | N
     return {row["image_id"]: row for row in table.to_pylist()}
 
 
-def write_table_file(directory: str, name: str, table: pa.Table, options: StorageOptions | None) -> str:
-    """Write one Parquet file atomically: built in a local temporary file, then a rename or a single PUT."""
+def write_table_file(directory: str, name: str, table: pa.Table, options: StorageOptions | None,
+                     contract: str | None = None) -> str:
+    """Write one Parquet file atomically: built in a local temporary file, then a rename or a single PUT.
+
+    ``contract``: the table's name in ``schema.SCHEMAS``, whose columns may have their own codec.
+    """
     uri = storage.join(directory, name)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, name)
-        pq.write_table(table, local, row_group_size=max(1, table.num_rows))
+        pq.write_table(table, local, row_group_size=max(1, table.num_rows),
+                       compression=schema.compression(contract, table.column_names))
         with open(local, "rb") as f:
             storage.write_bytes(uri, f.read(), options)
     return uri

@@ -25,6 +25,7 @@ from ray_wsss.core.affinity_pairs import STRIDE
 from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError
 from ray_wsss.core.refine.psa import PSAConfig, affinity_labels
+from ray_wsss.core.seeds.stored import SeedFormat, decode_seeded_sample
 from ray_wsss.harness import batch_stage
 from ray_wsss.harness.cluster import cpu_pool_actor_args
 
@@ -59,9 +60,9 @@ class LabelMaker:
 
     unclaimed_are_errors = ("seeds",)  # a seeds row of an image the data lacks is reported, never dropped
 
-    def __init__(self, cfg: AffinityLabelsConfig):
-        self.psa = cfg.psa_config()
-        self.columns = {"primary": ["image_id", "image"], "seeds": ["image_id", "classes", "scores"]}
+    def __init__(self, cfg: AffinityLabelsConfig, seed_format: SeedFormat):
+        self.psa, self.seed_format = cfg.psa_config(), seed_format
+        self.columns = {"primary": ["image_id", "image"], "seeds": ["image_id", "height", "width", "classes", "scores"]}
 
     def process(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         rows, failures = [], []
@@ -73,7 +74,7 @@ class LabelMaker:
         return rows, failures
 
     def _row(self, record: dict[str, Any]) -> dict[str, Any]:
-        rgb, scores, classes = codec.decode_seeded_sample(record)
+        rgb, scores, classes = decode_seeded_sample(record, self.seed_format)
         try:
             labels = affinity_labels(scores, classes, self.psa, rgb)
         except ValueError as err:  # seeds the labelling cannot take (e.g. a class id out of range)
@@ -107,7 +108,7 @@ def _stage(cfg: AffinityLabelsConfig) -> batch_stage.BatchStage:
         "config": config_lib.to_dict(cfg),
     }
     return batch_stage.BatchStage(
-        name=STAGE, table=TABLE, worker=LabelMaker, worker_args=(),
+        name=STAGE, table=TABLE, worker=LabelMaker, worker_args=(SeedFormat.from_metadata(seeds_meta),),
         tasks=batch_stage.follow_samples(cfg.data, sorted(files), cfg.storage, {"seeds": (cfg.seeds, "seeds")}),
         metadata=metadata, summary={"stage": STAGE, "out": cfg.out, "seeds": cfg.seeds},
         remote_args=cpu_pool_actor_args(cfg.num_cpus_per_task), file_splits=files,

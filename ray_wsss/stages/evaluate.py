@@ -26,6 +26,7 @@ from ray_wsss.core.metrics import (
     ThresholdSweep,
     parse_threshold_grid,
 )
+from ray_wsss.core.seeds.stored import SeedFormat
 from ray_wsss.harness import batch_stage
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,12 @@ class EvaluateConfig(batch_stage.DataStageConfig):
 class Scorer:
     """The evaluation worker: prediction rows (+ their ground truth) -> confusion counts per file."""
 
-    def __init__(self, cfg: EvaluateConfig, num_classes: int, thresholds: tuple[float, ...]):
+    def __init__(self, cfg: EvaluateConfig, num_classes: int, thresholds: tuple[float, ...],
+                 seed_format: SeedFormat | None = None):
         self.kind, self.num_classes, self.thresholds = cfg.kind, num_classes, thresholds
-        prediction = ["image_id", "classes", "scores"] if cfg.kind == "seeds" else ["image_id", "mask"]
+        self.seed_format = seed_format or SeedFormat()
+        prediction = (["image_id", "height", "width", "classes", "scores"] if cfg.kind == "seeds"
+                      else ["image_id", "mask"])
         self.columns = {"primary": prediction, "samples": ["image_id", "gt_mask"]}
         self._reset()
 
@@ -89,7 +93,10 @@ class Scorer:
             return
         gt = codec.decode_mask(sample["gt_mask"])
         if self.kind == "seeds":
-            scores = codec.decode_scores(record["scores"])
+            try:
+                scores = self.seed_format.read(record)
+            except ValueError as err:
+                raise RecordError(image_id, f"bad seed scores: {err}") from err
             if scores.shape[1:] != gt.shape:
                 raise RecordError(image_id, f"seed maps of size {scores.shape[1:]} for a {gt.shape} ground truth")
             self.acc.add(scores, [int(c) for c in record["classes"]], gt)
@@ -115,7 +122,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
 def _stage(cfg: EvaluateConfig) -> batch_stage.BatchStage:
     class_names = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)["class_names"]
-    pred_classes = storage.read_json(storage.join(cfg.pred, "dataset.json"), cfg.storage).get("class_names")
+    pred_meta = storage.read_json(storage.join(cfg.pred, "dataset.json"), cfg.storage)
+    pred_classes = pred_meta.get("class_names")
     if pred_classes != class_names:
         raise WsssError(f"{cfg.pred} holds predictions over classes {pred_classes}, but {cfg.data} has {class_names}: "
                         "the class ids would mean different things")
@@ -146,6 +154,7 @@ def _stage(cfg: EvaluateConfig) -> batch_stage.BatchStage:
 
     metadata = {"table": None, "kind": cfg.kind, "pred": cfg.pred, "data": cfg.data, "job": "evaluate",
                 "class_names": class_names, "config": config_lib.to_dict(cfg)}
+    seed_format = SeedFormat.from_metadata(pred_meta) if cfg.kind == "seeds" else None
     return batch_stage.BatchStage(
-        name=STAGE, table=None, worker=Scorer, worker_args=(len(class_names), thresholds), tasks=tasks,
+        name=STAGE, table=None, worker=Scorer, worker_args=(len(class_names), thresholds, seed_format), tasks=tasks,
         metadata=metadata, summary={"kind": cfg.kind, "pred": cfg.pred, "split": cfg.split}, reduce=reduce)

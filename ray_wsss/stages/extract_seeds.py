@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,19 +23,23 @@ from ray_wsss.core.methods import MapOptions, list_methods
 from ray_wsss.core.metrics import no_learning
 from ray_wsss.core.models.vit import PARTIAL_PATCHES, POS_EMBED_RESAMPLERS
 from ray_wsss.core.seeds.acr_maps import LAYER_REDUCTIONS
-from ray_wsss.core.seeds.tta import RESIZES, TTAConfig
+from ray_wsss.core.seeds.stored import SeedFormat
+from ray_wsss.core.seeds.tta import RESIZES, RESOLUTIONS, TTAConfig, map_size
 from ray_wsss.harness import batch_stage, training
 from ray_wsss.harness.cluster import model_actor_args
 
 log = logging.getLogger(__name__)
 STAGE = "seeds"
-SCORES_FORMAT = "npy float16 [len(classes), height, width]"
-
 
 
 @dataclasses.dataclass
 class ExtractSeedsConfig(batch_stage.DataStageConfig):
     out: str = option("runs/default/seeds", "output URI")
+    # Views of equal size share a forward, so the more images a call holds, the fuller its forwards: on the
+    # synthetic sizes 8 images gave 2.3 views per forward, 128 give 9.7 (flips included).
+    batch_size: int = option(128, "images an actor takes at once (their views of equal size share forwards)", min=1)
+    max_views: int = option(32, "most views in one forward, flips included (bounds memory; the maps do not change)",
+                            min=1)
     checkpoint: str = option("runs/default/train", "a checkpoint dir, or a training job's --out (its latest checkpoint)")
     scales: tuple[float, ...] = option((1.0,), "test-time scales", gt=0)
     flip: bool = option(True, "add horizontally flipped inputs")
@@ -50,9 +55,15 @@ class ExtractSeedsConfig(batch_stage.DataStageConfig):
                          choices=RESIZES)
     base_size: int | None = option(None, "aspect: resize the longer image side to this before scaling (default: "
                                          "native); square: the square's side (the training crop)", min=1)
-    align_corners: bool = option(False, "upsample the maps to the image with align_corners (the ACR authors: on)")
+    align_corners: bool = option(False, "resample the maps bilinearly with align_corners, to the stored size and "
+                                       "on read to the image (the ACR authors: on)")
     minmax_eps: float = option(0.0, "per-class normalisation (x-min)/(max-min+eps); the authors: ACR 1e-6, "
                                     "MCTformer 1e-8; 0 = exact, a constant map -> 0", min=0)
+    resolution: str = option("grid", "where the views are summed, normalised and stored: grid (the largest view's "
+                                     "patch grid), short-side (--short-side pixels) or image; readers upsample "
+                                     "bilinearly to the image", choices=RESOLUTIONS)
+    short_side: int | None = option(None, "--resolution short-side: the stored maps' shorter side in pixels", min=1)
+    encoding: str = option("uint8", "stored scores: uint8 (steps of 1/255) or float16", choices=codec.SCORE_ENCODINGS)
     partial_patches: str | None = option(None, "image sides that are not patch multiples: error, or drop the last "
                                                "rows/columns as a patch conv does (needed by --resize pillow; "
                                                "default: the checkpoint's)", choices=PARTIAL_PATCHES)
@@ -62,11 +73,15 @@ class ExtractSeedsConfig(batch_stage.DataStageConfig):
                                           "classifier learned nothing")
 
     def __post_init__(self) -> None:
-        self.tta_config()  # a bad combination (e.g. square without base_size) fails at load, not in an actor
+        self.seed_format()  # a bad combination (e.g. square without base_size) fails at load, not in an actor
 
     def tta_config(self) -> TTAConfig:
         return TTAConfig(scales=tuple(self.scales), flip=self.flip, base_size=self.base_size, resize=self.resize,
-                         align_corners=self.align_corners, minmax_eps=self.minmax_eps)
+                         align_corners=self.align_corners, minmax_eps=self.minmax_eps, resolution=self.resolution,
+                         short_side=self.short_side, max_views=self.max_views)
+
+    def seed_format(self) -> SeedFormat:
+        return SeedFormat.of(self.tta_config(), self.encoding)
 
     def map_options(self) -> MapOptions:
         return MapOptions(layers=self.layers, refine=self.refine, refine_layers=self.refine_layers,
@@ -88,6 +103,7 @@ class SeedExtractor:
                                                                  cfg.model_overrides())
         self.map_options = cfg.map_options()
         self.tta = cfg.tta_config()
+        self.format = cfg.seed_format()
 
     def process(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         decoded, failures = [], []
@@ -99,14 +115,15 @@ class SeedExtractor:
                 failures.append((record["image_id"], f"cannot decode image: {type(err).__name__}: {err}"))
         maps = self.method.seed_scores(self.model, [d[1] for d in decoded], [d[2] for d in decoded],
                                        self.map_options, self.tta)
-        return [_seed_row(i, rgb, cls, m) for (i, rgb, cls), m in zip(decoded, maps)], failures
+        return [self._seed_row(i, rgb, cls, m) for (i, rgb, cls), m in zip(decoded, maps)], failures
 
-
-def _seed_row(image_id: str, rgb: np.ndarray, classes: list[int], scores: np.ndarray) -> dict[str, Any]:
-    h, w = rgb.shape[:2]
-    if scores.shape != (len(classes), h, w):
-        raise RecordError(image_id, f"seed map shape {scores.shape} != ({len(classes)}, {h}, {w})")
-    return {"image_id": image_id, "height": h, "width": w, "classes": classes, "scores": codec.encode_scores(scores)}
+    def _seed_row(self, image_id: str, rgb: np.ndarray, classes: list[int], scores: np.ndarray) -> dict[str, Any]:
+        h, w = rgb.shape[:2]
+        expected = (len(classes), *map_size(h, w, self.model.patch_size, self.tta))
+        if scores.shape != expected:
+            raise RecordError(image_id, f"seed map shape {scores.shape} != {expected}")
+        return {"image_id": image_id, "height": h, "width": w, "classes": classes,
+                "scores": self.format.encode(scores)}
 
 
 @ownership.owns_output(STAGE, inputs=("checkpoint", "data"))
@@ -128,9 +145,7 @@ def _stage(cfg: ExtractSeedsConfig) -> batch_stage.BatchStage:
         "num_classes": data_meta["num_classes"],
         "method": meta["method"],
         "checkpoint": checkpoint_uri,
-        "resolution": "image",
-        "scores_format": SCORES_FORMAT,
-        "normalisation": "min-max per labelled class, after summing scales and flips",
+        **cfg.seed_format().metadata(),
         "job": "extract_seeds",
         "config": config_lib.to_dict(cfg),
     }
@@ -140,8 +155,8 @@ def _stage(cfg: ExtractSeedsConfig) -> batch_stage.BatchStage:
         summary={"stage": STAGE, "out": cfg.out, "method": meta["method"], "checkpoint": checkpoint_uri},
         remote_args=model_actor_args(cfg.use_gpu), file_splits=files,
         contact_sheet=lambda: batch_stage.contact_sheet(
-            cfg.out, "seeds", cfg.data, _contact_panels, ["image", "seeds (max)", "labels @0.5", "ground truth"],
-            cfg.storage))
+            cfg.out, "seeds", cfg.data, partial(_contact_panels, cfg.seed_format()),
+            ["image", "seeds (max)", "labels @0.5", "ground truth"], cfg.storage))
 
 
 def check_classifier(checkpoint_uri: str, meta: dict[str, Any], data: str, class_names: list[str],
@@ -171,13 +186,13 @@ def check_classifier(checkpoint_uri: str, meta: dict[str, Any], data: str, class
         log.warning("--allow-untrained: extracting seeds although %s", reason)
 
 
-def _contact_panels(row: dict[str, Any], sample: dict[str, Any]) -> list:
+def _contact_panels(seed_format: SeedFormat, row: dict[str, Any], sample: dict[str, Any]) -> list:
     """image | seeds (max over classes) | argmax labelling at 0.5 | ground truth."""
     from ray_wsss.core import viz
     from ray_wsss.core.metrics import scores_to_labels
 
     rgb = codec.decode_image(sample["image"])
-    scores = codec.decode_scores(row["scores"])
+    scores = seed_format.read(row)
     peak = scores.max(0) if len(scores) else np.zeros(rgb.shape[:2], np.float32)
     gt = codec.decode_mask(sample["gt_mask"]) if sample["gt_mask"] else None
     return [rgb, viz.overlay(rgb, viz.heatmap(peak)), viz.colorize(scores_to_labels(scores, row["classes"], 0.5)),

@@ -34,6 +34,7 @@ from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.refine.crf import CRFConfig, LabellingConfig, make_mask, mask_from_label_scores
 from ray_wsss.core.refine.psa import PSAConfig, walk_scores
+from ray_wsss.core.seeds.stored import SeedFormat, decode_seeded_sample
 from ray_wsss.core.storage import StorageOptions
 from ray_wsss.harness import batch_stage, training
 from ray_wsss.harness.cluster import cpu_pool_actor_args, model_actor_args
@@ -119,11 +120,11 @@ class MaskMaker:
     """The masks worker: (sample, seeds) records -> masks rows; with a ``checkpoint_uri``, by PSA's walk."""
 
     columns: ClassVar[dict[str, list[str]]] = {"primary": ["image_id", "image"],
-                                               "seeds": ["image_id", "classes", "scores"]}
+                                               "seeds": ["image_id", "height", "width", "classes", "scores"]}
     unclaimed_are_errors = ("seeds",)  # a seeds row of an image the data lacks is reported, never dropped
 
-    def __init__(self, cfg: MakeMasksConfig, threshold: float, checkpoint_uri: str | None):
-        self.labelling = cfg.labelling(threshold)
+    def __init__(self, cfg: MakeMasksConfig, threshold: float, seed_format: SeedFormat, checkpoint_uri: str | None):
+        self.labelling, self.seed_format = cfg.labelling(threshold), seed_format
         self.walk = load_walk(cfg, threshold, checkpoint_uri) if checkpoint_uri else None
         self.out, self.options, self.node_recorded = cfg.out, cfg.storage, False
 
@@ -134,7 +135,7 @@ class MaskMaker:
         rows, failures = [], []
         for record in records:
             try:
-                rgb, scores, classes = codec.decode_seeded_sample(record)
+                rgb, scores, classes = decode_seeded_sample(record, self.seed_format)
                 mask = pseudo_mask(rgb, scores, classes, self.labelling, self.walk)
             except RecordError as err:
                 failures.append((err.image_id, err.message))
@@ -176,6 +177,7 @@ def run(cfg: MakeMasksConfig) -> dict[str, Any]:
 
 def _stage(cfg: MakeMasksConfig) -> batch_stage.BatchStage:
     seeds_meta = storage.read_json(storage.join(cfg.seeds, "dataset.json"), cfg.storage)
+    seed_format = SeedFormat.from_metadata(seeds_meta)
     threshold, threshold_source = resolve_threshold(cfg)
     affinity = training.find_checkpoint(cfg.affinity, cfg.storage) if cfg.walks() else None
     crf_on = cfg.labelling(threshold).crf
@@ -201,17 +203,18 @@ def _stage(cfg: MakeMasksConfig) -> batch_stage.BatchStage:
         titles = [*titles[:2], "CRF mask", f"{cfg.method.upper()} mask"]
     titles.append("ground truth")
     return batch_stage.BatchStage(
-        name=STAGE, table="masks", worker=MaskMaker, worker_args=(threshold, affinity),
+        name=STAGE, table="masks", worker=MaskMaker, worker_args=(threshold, seed_format, affinity),
         tasks=batch_stage.follow_samples(cfg.data, sorted(files), cfg.storage, {"seeds": (cfg.seeds, "seeds")}),
         metadata=metadata,
         summary={"stage": STAGE, "out": cfg.out, "method": cfg.method, "threshold": threshold, "crf": crf_on},
         remote_args=model_actor_args(cfg.use_gpu) if cfg.walks() else cpu_pool_actor_args(cfg.num_cpus_per_task),
         file_splits=files, after_tasks=lambda: {"worker_nodes": worker_nodes(cfg.out, cfg.storage)},
         contact_sheet=lambda: batch_stage.contact_sheet(
-            cfg.out, "masks", cfg.data, partial(_contact_panels, cfg, threshold), titles, cfg.storage))
+            cfg.out, "masks", cfg.data, partial(_contact_panels, cfg, threshold, seed_format), titles, cfg.storage))
 
 
-def _contact_panels(cfg: MakeMasksConfig, threshold: float, row: dict[str, Any], sample: dict[str, Any]) -> list:
+def _contact_panels(cfg: MakeMasksConfig, threshold: float, seed_format: SeedFormat, row: dict[str, Any],
+                    sample: dict[str, Any]) -> list:
     """image | seed labelling (no CRF) | the stage's mask | ground truth; the psa methods add the CRF mask of the
     same seeds before theirs (made here, for the few images shown)."""
     from ray_wsss.core import viz
@@ -219,7 +222,7 @@ def _contact_panels(cfg: MakeMasksConfig, threshold: float, row: dict[str, Any],
 
     rgb = codec.decode_image(sample["image"])
     seed = commit.read_rows_by_id(cfg.seeds, "seeds", [row["image_id"]], cfg.storage).get(row["image_id"])
-    scores = codec.decode_scores(seed["scores"]) if seed else np.zeros((0, *rgb.shape[:2]), np.float32)
+    scores = seed_format.read(seed) if seed else np.zeros((0, *rgb.shape[:2]), np.float32)
     classes = [int(c) for c in seed["classes"]] if seed else []
     panels = [rgb, viz.colorize(scores_to_labels(scores, classes, threshold))]
     if cfg.walks():

@@ -62,7 +62,8 @@ class Method:
 
     def seed_scores(self, model: nn.Module, images: Sequence[np.ndarray], classes: Sequence[Sequence[int]],
                     options: MapOptions = MapOptions(), tta: TTAConfig = TTAConfig()) -> list[np.ndarray]:
-        """Per image float32 [k, H, W] seed scores in [0, 1] of its labelled classes (maps + TTA)."""
+        """Per image float32 [k, h, w] seed scores in [0, 1] of its labelled classes (maps + TTA), at
+        ``tta.resolution``'s size (the image's H x W by default; see ``tta.map_size``)."""
         return seed_scores_batch(partial(self.class_maps, options=options), model, images, classes, tta)
 
 

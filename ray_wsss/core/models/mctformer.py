@@ -82,7 +82,7 @@ class MCTformer(nn.Module):
         self.pos_drop, self.patch_drop, self.norm_pre = vit.pos_drop, vit.patch_drop, vit.norm_pre
         self.blocks = vit.blocks
         self.norm = vit.norm.requires_grad_(False)  # never applied (see module docstring)
-        self._recorder = backbone._recorder  # already hooked into these blocks' attn_drop
+        self.attention_recorder = backbone.attention_recorder  # already hooked into these blocks' attn_drop
 
         cls_token, pos_embed = vit.cls_token.detach(), vit.pos_embed.detach()
         self.cls_token = nn.Parameter(cls_token.repeat(1, num_classes, 1))
@@ -134,14 +134,8 @@ class MCTformer(nn.Module):
             tokens = tokens.flatten(1, 2)
         tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.resampled_pos_embed(grid, pixels)
         tokens = self.norm_pre(self.patch_drop(self.pos_drop(tokens)))
-        self._recorder.maps = []
-        try:
+        with self.attention_recorder.recording() as attentions:
             tokens = self.blocks(tokens)
-            attentions = self._recorder.maps
-        finally:
-            self._recorder.maps = None
-        if len(attentions) != len(self.blocks):
-            raise RuntimeError(f"captured {len(attentions)} attention maps for {len(self.blocks)} blocks")
         # Authors' code: logits = x[:, 0:C].mean(-1) straight after the blocks, no final LayerNorm.
         logits = tokens[:, :self.num_classes].mean(dim=-1)
         out = MCTOutput(logits=logits, attentions=attentions, grid=grid, num_prefix_tokens=self.num_classes)

@@ -11,15 +11,22 @@ How the attention is captured: timm's ``Attention.forward`` computes, when ``fus
 off per module and register a forward *pre*-hook on ``attn_drop``: its input is exactly the
 post-softmax probabilities, the very tensor the rest of the block consumes. This needs no copy of
 timm's attention code, so it keeps working as timm evolves; a forward that captures a different
-number of maps than there are blocks (a timm change, an unsupported attention class) fails loudly.
+number of maps than it asked for (a timm change, an unsupported attention class) fails loudly.
+
+Every block is captured by default (training's losses use them all). Inside
+``with capturing(model, blocks):`` only those blocks are; the others run timm's fused kernel (which
+never materialises the probabilities) and their entry in ``attentions`` is None. Seed maps ask for
+the blocks they read, e.g. ACR's last two when refinement is off.
 
 The model never reads files: :func:`load_pretrained` takes a state dict in timm's keys, which
 ``ray_wsss.core.weights`` reads and maps from the layouts it knows (timm/DeiT, ACR, this project).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import timm
@@ -68,7 +75,8 @@ class ViTConfig:
 @dataclasses.dataclass
 class ClassifierOutput:
     logits: torch.Tensor              # [B, C] foreground class scores
-    attentions: list[torch.Tensor]    # one per block, post-softmax [B, heads, N, N], in the graph
+    # one per block, post-softmax [B, heads, N, N], in the graph; None for a block not captured (`capturing`)
+    attentions: list[torch.Tensor | None]
     grid: tuple[int, int]             # patch grid (gh, gw) of this input
     num_prefix_tokens: int            # tokens before the patch tokens (1 for a cls-token ViT)
     num_register_tokens: int = 0      # of those, the registers (timm puts them after the class tokens)
@@ -82,15 +90,68 @@ class ClassifierOutput:
 class _AttentionRecorder:
     """Collects the attention probabilities seen by ``attn_drop`` pre-hooks during one forward.
 
-    A plain object with a bound-method hook (not a closure) so the model pickles and deep-copies.
+    A plain object with a bound-method hook (not a closure) so the model pickles and deep-copies. It
+    owns the blocks' ``fused_attn`` switches: off for the captured blocks, timm's choice for the rest.
     """
 
     def __init__(self) -> None:
         self.maps: list[torch.Tensor] | None = None
+        self.modules: list[nn.Module] = []
+        self.fused_default: list[bool] = []
+        self.captured: frozenset[int] | None = None  # None = every block
+
+    def attach(self, modules: list[nn.Module]) -> None:
+        """Hook each block's attention module (in block order)."""
+        self.modules = list(modules)
+        self.fused_default = [bool(m.fused_attn) for m in self.modules]
+        for module in self.modules:
+            module.fused_attn = False  # the fused kernel never materialises the probabilities
+            module.attn_drop.register_forward_pre_hook(self.hook)
 
     def hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self.maps is not None:
             self.maps.append(args[0])
+
+    def blocks(self) -> list[int]:
+        return list(range(len(self.modules))) if self.captured is None else sorted(self.captured)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[torch.Tensor | None]]:
+        """Around one forward: yields the per-block list that is filled (None = not captured) on exit."""
+        wanted = set(self.blocks())
+        for index, module in enumerate(self.modules):
+            module.fused_attn = self.fused_default[index] if index not in wanted else False
+        self.maps, result = [], [None] * len(self.modules)
+        try:
+            yield result
+            got = self.maps
+        finally:
+            self.maps = None
+        if len(got) != len(wanted):
+            raise RuntimeError(
+                f"captured {len(got)} attention maps for {len(wanted)} blocks; "
+                "the installed timm's Attention no longer routes probabilities through attn_drop")
+        for index, attention in zip(sorted(wanted), got):
+            result[index] = attention
+
+
+@contextlib.contextmanager
+def capturing(model: nn.Module, blocks: Iterable[int] | None) -> Iterator[None]:
+    """Within it, ``model``'s forwards capture only these blocks' attention (negative = from the end; None =
+    all); the other blocks run timm's fused attention. ``model``: an AttentionViT or an MCTformer."""
+    recorder: _AttentionRecorder = model.attention_recorder
+    depth = len(recorder.modules)
+    chosen = None if blocks is None else frozenset(b % depth if -depth <= b < depth else _bad_block(b, depth)
+                                                   for b in blocks)
+    previous, recorder.captured = recorder.captured, chosen
+    try:
+        yield
+    finally:
+        recorder.captured = previous
+
+
+def _bad_block(block: int, depth: int) -> int:
+    raise ValueError(f"block {block} does not exist in a model of {depth} blocks")
 
 
 class AttentionViT(nn.Module):
@@ -112,15 +173,14 @@ class AttentionViT(nn.Module):
         self.num_prefix_tokens: int = int(self.vit.num_prefix_tokens)
         self.num_register_tokens: int = int(getattr(self.vit, "num_reg_tokens", 0) or 0)
         self.patch_size: tuple[int, int] = tuple(self.vit.patch_embed.feat_ratio(as_scalar=False))
-        self._recorder = _AttentionRecorder()
+        self.attention_recorder = _AttentionRecorder()
         for index, block in enumerate(self.vit.blocks):
             attn = getattr(block, "attn", None)
             if not hasattr(attn, "fused_attn") or not isinstance(getattr(attn, "attn_drop", None), nn.Dropout):
                 raise WsssError(
                     f"{cfg.model_name} block {index}: attention module {type(attn).__name__} does not "
                     "expose attn_drop/fused_attn, so its attention probabilities cannot be captured")
-            attn.fused_attn = False  # the fused kernel never materialises the probabilities
-            attn.attn_drop.register_forward_pre_hook(self._recorder.hook)
+        self.attention_recorder.attach([block.attn for block in self.vit.blocks])
         if cfg.pre_norm_head:
             # The head gets the norm's input; the frozen norm stays for the state-dict layout (and DDP
             # then sees no trainable parameter without a gradient).
@@ -133,16 +193,8 @@ class AttentionViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ClassifierOutput:
         x, grid = crop_to_tokens(x, self.patch_size, self.cfg.partial_patches)
-        self._recorder.maps = []
-        try:
+        with self.attention_recorder.recording() as attentions:
             logits = self.vit(x)
-            attentions = self._recorder.maps
-        finally:
-            self._recorder.maps = None
-        if len(attentions) != len(self.vit.blocks):
-            raise RuntimeError(
-                f"captured {len(attentions)} attention maps for {len(self.vit.blocks)} blocks; "
-                "the installed timm's Attention no longer routes probabilities through attn_drop")
         return ClassifierOutput(logits=logits, attentions=attentions, grid=grid,
                                 num_prefix_tokens=self.num_prefix_tokens, num_register_tokens=self.num_register_tokens)
 

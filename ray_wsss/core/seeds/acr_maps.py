@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ray_wsss.core.models.vit import AttentionViT, ClassifierOutput
+from ray_wsss.core.models.vit import AttentionViT, ClassifierOutput, capturing
 
 GRAD_STRATEGIES = ("slots_vmap", "slots_loop", "pairs")
 LAYER_REDUCTIONS = ("mean", "sum")
@@ -72,7 +72,7 @@ def class_maps(model: AttentionViT, images: Tensor, classes: Sequence[Sequence[i
     if not any(classes):  # nothing to explain: skip the forward
         grid = [side // patch for side, patch in zip(images.shape[-2:], model.patch_size)]
         return [images.new_zeros(0, *grid, dtype=torch.float32) for _ in classes]
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), capturing(model, captured_blocks(model, cfg)):
         # Cloned outside inference mode and requiring grad, so the graph exists even for a frozen model.
         images = images.clone().requires_grad_(True)
         if strategy == "pairs":
@@ -85,6 +85,19 @@ def class_maps(model: AttentionViT, images: Tensor, classes: Sequence[Sequence[i
     return [maps[:len(row), i].reshape(len(row), *out.grid).float() for i, row in enumerate(classes)]
 
 
+def captured_blocks(model: AttentionViT, cfg: ACRMapConfig) -> list[int] | None:
+    """The blocks whose attention the maps read (None = all): the last ``grad_layers``, and the refinement's.
+
+    The other blocks keep timm's fused attention. Raises ValueError for blocks the model lacks.
+    """
+    depth = len(model.attention_recorder.modules)
+    grad = _grad_layers(depth, cfg.grad_layers)
+    if not cfg.refine:
+        return grad
+    refine = _refine_layers(depth, cfg.refine_layers)
+    return None if len(refine) == depth else sorted(set(grad) | set(refine))
+
+
 def naive_class_maps(model: AttentionViT, images: Tensor, classes: Sequence[Sequence[int]],
                      cfg: ACRMapConfig = ACRMapConfig()) -> list[Tensor]:
     """Reference: the authors' loop, one forward per image and one backward per (image, class)."""
@@ -92,7 +105,7 @@ def naive_class_maps(model: AttentionViT, images: Tensor, classes: Sequence[Sequ
     for image, row in zip(images, classes):
         with torch.inference_mode(False), torch.enable_grad():
             out = model(image[None].clone().requires_grad_(True))
-            layers = _grad_layers(out, cfg.grad_layers)
+            layers = _grad_layers(len(out.attentions), cfg.grad_layers)
             maps = []
             for class_id in row:
                 logit = _logit_index(class_id, out.logits.shape[1])
@@ -123,15 +136,13 @@ def _logit_slots(classes: list[list[int]], num_logits: int) -> Tensor:
     return slots
 
 
-def _grad_layers(out: ClassifierOutput, grad_layers: int) -> list[int]:
-    depth = len(out.attentions)
+def _grad_layers(depth: int, grad_layers: int) -> list[int]:
     if not 1 <= grad_layers <= depth:
         raise ValueError(f"grad_layers={grad_layers} must be within 1..{depth} (the model's blocks)")
     return list(range(depth - grad_layers, depth))
 
 
-def _refine_layers(out: ClassifierOutput, layers: tuple[int, ...] | None) -> list[int]:
-    depth = len(out.attentions)
+def _refine_layers(depth: int, layers: tuple[int, ...] | None) -> list[int]:
     if layers is None:
         return list(range(depth))
     bad = [i for i in layers if not -depth <= i < depth]
@@ -154,7 +165,7 @@ def _reduce_layers(stacked: Tensor, reduction: str) -> Tensor:
 
 def _slot_gradient_maps(out: ClassifierOutput, logit_slots: Tensor, cfg: ACRMapConfig, batched: bool) -> Tensor:
     """[S, B, Np] gradient maps (Eq. 7) of every (slot, image); padded slots are zero."""
-    attentions = [out.attentions[l] for l in _grad_layers(out, cfg.grad_layers)]
+    attentions = [out.attentions[l] for l in _grad_layers(len(out.attentions), cfg.grad_layers)]
     num_slots = logit_slots.shape[0]
     selectors = torch.zeros(num_slots, *out.logits.shape, dtype=out.logits.dtype, device=out.logits.device)
     slot_idx, image_idx = torch.nonzero(logit_slots >= 0, as_tuple=True)
@@ -176,7 +187,7 @@ def _pair_maps(model: AttentionViT, images: Tensor, classes: list[list[int]], cf
     out = model(images[image_idx.to(images.device)])
     logits = torch.tensor([_logit_index(c, out.logits.shape[1]) for row in classes for c in row],
                           dtype=torch.long, device=out.logits.device)
-    attentions = [out.attentions[l] for l in _grad_layers(out, cfg.grad_layers)]
+    attentions = [out.attentions[l] for l in _grad_layers(len(out.attentions), cfg.grad_layers)]
     grads = torch.autograd.grad(out.logits.gather(1, logits[:, None]).sum(), attentions)
     maps = _grads_to_map(grads, out, cfg.layer_reduction)  # [pairs, Np]
     if cfg.refine:
@@ -188,7 +199,7 @@ def _pair_maps(model: AttentionViT, images: Tensor, classes: list[list[int]], cf
 def _patch_affinity(out: ClassifierOutput, cfg: ACRMapConfig) -> Tensor:
     """[B, Np, Np] patch-to-patch attention averaged over heads, reduced over the refinement blocks."""
     prefix = out.num_prefix_tokens
-    layers = _refine_layers(out, cfg.refine_layers)
+    layers = _refine_layers(len(out.attentions), cfg.refine_layers)
     return _reduce_layers(torch.stack([out.attentions[l][:, :, prefix:, prefix:].mean(dim=1) for l in layers]),
                           cfg.layer_reduction)
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ray_wsss.core.models.vit import ClassifierOutput
+from ray_wsss.core.models.vit import ClassifierOutput, capturing
 
 MAP_TYPES = ("fused", "patchcam", "attention")
 LAYER_REDUCTIONS = ("sum", "mean")
@@ -46,7 +46,7 @@ def maps_from_output(out: ClassifierOutput, cfg: MCTMapConfig = MCTMapConfig()) 
     prefix, depth = out.num_prefix_tokens, len(out.attentions)
     if not 1 <= cfg.last_layers <= depth:
         raise ValueError(f"last_layers={cfg.last_layers} must be within 1..{depth} (the model's blocks)")
-    heads_mean = [attn.float().mean(dim=1) for attn in out.attentions]  # [B, T, T] per block
+    heads_mean = [None if a is None else a.float().mean(dim=1) for a in out.attentions]  # [B, T, T] per block
     maps = reduce(torch.stack([a[:, :prefix, prefix:] for a in heads_mean[depth - cfg.last_layers:]]), dim=0)
     patch_cams = getattr(out, "patch_cams", None)
     if patch_cams is not None and cfg.map_type != "attention":
@@ -69,7 +69,10 @@ def mct_class_maps(model: nn.Module, images: Tensor, classes: Sequence[Sequence[
     """
     if images.ndim != 4 or len(images) != len(classes):
         raise ValueError(f"images {tuple(images.shape)} and {len(classes)} class lists do not match")
-    out = model(images)
+    # Only the blocks the maps read are captured (refinement reads all); the rest keep timm's fused attention.
+    depth = len(model.attention_recorder.modules)
+    with capturing(model, None if cfg.refine else range(-min(cfg.last_layers, depth), 0)):
+        out = model(images)
     maps = maps_from_output(out, cfg)
     num_classes = maps.shape[1]
     results = []
