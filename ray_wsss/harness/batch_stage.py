@@ -298,13 +298,17 @@ class _TaskRunner:
         return {k: [r.get(k) for r in results] for k in keys}
 
     def _run(self, task: FileTask) -> dict[str, Any]:
+        started = time.process_time()
+        in_worker = 0.0
         rows_out: list[pa.RecordBatch] = []
         failures: list[tuple[str, str]] = []
         target = schema.SCHEMAS[self.table] if self.table else None
         unclaimed = getattr(self.worker, "unclaimed_are_errors", ())
         for records in iter_task_records(task, self.worker.columns, self.cfg.batch_size, self.cfg.storage,
                                          failures, unclaimed):
+            before = time.process_time()
             rows, failed = _process(self.worker, records)
+            in_worker += time.process_time() - before
             failures += failed
             if target is not None and rows:
                 rows_out.append(pa.RecordBatch.from_pylist(rows, schema=target))
@@ -316,7 +320,10 @@ class _TaskRunner:
             write_table_file(commit.staging_uri(self.cfg.out, self.table), task.name,
                              pa.Table.from_batches(rows_out, schema=target), self.cfg.storage)
         finish = getattr(self.worker, "task_result", None)
-        return {**result, **(finish() if finish else {})}
+        # CPU seconds of this actor process on the task, and inside the stage's worker: what the harness
+        # itself costs per file (reading, pairing, Arrow rows, writing) is the difference.
+        return {**result, **(finish() if finish else {}), "task_cpu_seconds": time.process_time() - started,
+                "worker_cpu_seconds": in_worker}
 
 
 def _process(worker: Worker, records: list[dict[str, Any]]) -> tuple[list[dict], list[tuple[str, str]]]:

@@ -112,14 +112,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
         task.train_mode()
-        sums, batches = _train_epoch(task, shard, cfg.batch_size, device, use_amp, scaler)
+        sums, batches, waited = _train_epoch(task, shard, cfg.batch_size, device, use_amp, scaler)
         if batches == 0:
             raise WsssError(f"rank {rank} got no training batch of {cfg.batch_size} in epoch {epoch + 1}: "
                             f"too few training rows for {world} workers")
         row = {"epoch": epoch + 1, **{f"loss_{k}": v for k, v in mean_over_ranks(sums, batches, device).items()},
                "lr": task.scheduler.get_last_lr()[0], "train_batches": batches}
+        trained = time.time()
         row.update(validate(task, config.get("val_files") or [], rank, world, cfg.storage))
-        row["epoch_seconds"] = round(time.time() - started, 2)
+        # Where the epoch went (rank 0's view): waiting for input batches, training steps, held-out scoring.
+        row.update(data_wait_seconds=round(waited, 2), step_seconds=round(trained - started - waited, 2),
+                   val_seconds=round(time.time() - trained, 2), epoch_seconds=round(time.time() - started, 2))
         history.append(row)
         if rank == 0:
             worker_print(format_row(config["tag"], row))
@@ -128,10 +131,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _train_epoch(task: TrainTask, shard, batch_size: int, device: torch.device, use_amp: bool,
-                 scaler: torch.amp.GradScaler) -> tuple[dict[str, float], int]:
+                 scaler: torch.amp.GradScaler) -> tuple[dict[str, float], int, float]:
+    """One pass over the shard -> (summed losses, batches, seconds spent waiting for the next batch)."""
     sums: dict[str, float] = {}
     batches = 0
-    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, **task.batch_kwargs):
+    waited = 0.0
+    batches_in = iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, **task.batch_kwargs))
+    while True:
+        asked = time.time()
+        batch = next(batches_in, None)
+        waited += time.time() - asked
+        if batch is None:
+            break
         with torch.autocast(device_type=device.type, enabled=use_amp):
             losses = task.losses(batch)
         task.optimizer.zero_grad(set_to_none=True)
@@ -142,7 +153,7 @@ def _train_epoch(task: TrainTask, shard, batch_size: int, device: torch.device, 
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         batches += 1
-    return sums, batches
+    return sums, batches, waited
 
 
 def mean_over_ranks(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
