@@ -46,78 +46,96 @@ def _stat(pid: int) -> tuple[int, float, str] | None:
     return int(fields[1]), sum(int(v) for v in fields[11:15]) / TICKS, name
 
 
+def _name(pid: int, comm: str) -> str:
+    """What a process is doing now: Ray's process title (``ray::MapBatches(...)``, ``ray::IDLE``) cut at its
+    first ``(`` or ``.``, else the executable's name."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return comm
+    if title.startswith("ray::"):
+        return re.split(r"[(.\s]", title, maxsplit=1)[0]
+    return comm
+
+
 class CpuMonitor:
-    """CPU seconds of this process and all its descendants, dead ones included.
+    """CPU seconds of this process and all its descendants, dead ones included, by what each was doing.
 
     Ray's raylet does not account its reaped workers in its ``cutime``, so an actor that exits takes its CPU
     time with it. A thread therefore reads every known process of the tree each ``period`` seconds (and
-    looks for new ones every ``scan_every`` periods) and keeps each one's last value: an exited process
-    loses at most one period of CPU. The thread's own CPU is counted and reported apart (``monitor``).
+    looks for new ones every ``scan_every`` periods) and adds each one's CPU since the last read to the name
+    it has now (a Ray worker is retitled per task: ``ray::IDLE``, ``ray::MapBatches``, ``ray::RayTrainWorker``):
+    an exited process loses at most one period of CPU. The thread's own CPU is counted apart (``monitor``).
     """
 
     def __init__(self, period: float = 0.1, scan_every: int = 5):
         self.root = os.getpid()
         self.period, self.scan_every = period, scan_every
-        self.last: dict[int, tuple[float, str]] = {}  # pid -> (CPU seconds, role)
+        self.last: dict[int, float] = {}  # pid -> CPU seconds at the last read
+        self.by_name: dict[str, float] = {}  # name -> CPU seconds so far
         self.own_cpu = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._scan()
+        self._read(self._tree())
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _role(self, pid: int, name: str) -> str:
-        return "driver" if pid == self.root else "ray workers" if name.startswith("ray::") else "ray system"
-
-    def _scan(self) -> None:
-        """Find the whole tree from /proc."""
-        stats = {pid: s for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if (s := _stat(pid))}
+    def _tree(self) -> list[int]:
+        """The pids of this process and all its descendants, from /proc."""
+        parents = {pid: s[0] for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if (s := _stat(pid))}
         children: dict[int, list[int]] = {}
-        for pid, (parent, _, _) in stats.items():
+        for pid, parent in parents.items():
             children.setdefault(parent, []).append(pid)
-        todo = [self.root]
-        with self._lock:
-            while todo:
-                pid = todo.pop()
-                if pid in stats:
-                    self.last[pid] = (stats[pid][1], self._role(pid, stats[pid][2]))
-                    todo += children.get(pid, [])
+        tree, todo = [], [self.root]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += children.get(pid, [])
+        return tree
 
-    def _sample(self) -> None:
-        """Update the known processes only (cheap)."""
+    def _read(self, pids: list[int]) -> None:
         with self._lock:
-            for pid, (_, role) in list(self.last.items()):
-                if (s := _stat(pid)) is not None:
-                    self.last[pid] = (s[1], role)
+            for pid in pids:
+                if (s := _stat(pid)) is None:
+                    continue
+                name = "driver" if pid == self.root else _name(pid, s[2])
+                self.by_name[name] = self.by_name.get(name, 0.0) + s[1] - self.last.get(pid, 0.0)
+                self.last[pid] = s[1]
 
     def _run(self) -> None:
         count = 0
         while not self._stop.wait(self.period):
             started = time.thread_time()
-            self._scan() if count % self.scan_every == 0 else self._sample()
+            self._read(self._tree() if count % self.scan_every == 0 else list(self.last))
             count += 1
-            self.own_cpu += time.thread_time() - started
+            with self._lock:
+                self.own_cpu += time.thread_time() - started
 
-    def snapshot(self) -> tuple[dict[int, tuple[float, str]], float]:
-        """(per-pid CPU seconds and role, this monitor's CPU so far), after a fresh scan."""
-        self._scan()
+    def snapshot(self) -> tuple[dict[str, float], float]:
+        """(CPU seconds so far by name, this monitor's CPU so far), after a fresh read of the whole tree."""
+        self._read(self._tree())
         with self._lock:
-            return dict(self.last), self.own_cpu
+            return dict(self.by_name), self.own_cpu
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
 
-def cpu_delta(before: tuple[dict, float], after: tuple[dict, float]) -> dict[str, float]:
-    """CPU seconds between two snapshots by role (the monitor's own CPU taken out of the driver's), and total."""
+def cpu_delta(before: tuple[dict, float], after: tuple[dict, float]) -> dict:
+    """CPU seconds between two snapshots: driver (less the monitor's own), Ray workers and actors, Ray's own
+    processes, the total, and the workers' seconds by what they ran (``workers_by_name``)."""
     (start, own_start), (end, own_end) = before, after
-    parts = {"driver": 0.0, "ray workers": 0.0, "ray system": 0.0}
-    for pid, (cpu, role) in end.items():
-        parts[role] += cpu - start.get(pid, (0.0, role))[0]
-    parts["driver"] -= own_end - own_start
-    parts = {k: round(v, 2) for k, v in parts.items()}
-    return {**parts, "total": round(sum(parts.values()), 2), "monitor": round(own_end - own_start, 2)}
+    spent = {name: cpu - start.get(name, 0.0) for name, cpu in end.items()}
+    monitor = own_end - own_start
+    workers = {name[len("ray::"):]: round(v, 2) for name, v in sorted(spent.items(), key=lambda kv: -kv[1])
+               if name.startswith("ray::") and v >= 0.01}
+    parts = {"driver": spent.get("driver", 0.0) - monitor,
+             "ray workers": sum(v for name, v in spent.items() if name.startswith("ray::")),
+             "ray system": sum(v for name, v in spent.items() if name != "driver" and not name.startswith("ray::"))}
+    return {**{k: round(v, 2) for k, v in parts.items()}, "total": round(sum(parts.values()), 2),
+            "monitor": round(monitor, 2), "workers_by_name": workers}
 
 
 class PeakRSS:

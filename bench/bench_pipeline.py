@@ -73,6 +73,9 @@ def main() -> None:
         print(f"\n{stage} epochs: " + " ".join(f"{k}" for k in keys))
         for row in history:
             print(f"  {row['epoch']:>3} " + " ".join(f"{row.get(k, float('nan')):>8.1f}" for k in keys))
+    print("\nworker CPU seconds by what the processes ran (Ray's process titles):")
+    for row in rows:
+        print(f"  {row['stage']:<14}" + ", ".join(f"{k} {v}" for k, v in list(row["cpu_s"]["workers_by_name"].items())[:5]))
     for row in rows[1:]:
         print(f"{row['stage']}: {row['metrics']}")
     with open(os.path.join(args.out, "bench_pipeline.json"), "w") as f:
