@@ -22,8 +22,10 @@ import dataclasses
 import json
 import os
 import posixpath
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -65,6 +67,11 @@ class TrainingConfig:
     num_workers: int = option(1, "Ray Train workers (DDP ranks)", min=1)
     use_gpu: bool = option(False, "one GPU per worker, nccl, AMP")
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker; the rest feed Ray Data", gt=0)
+    threads_per_worker: int | None = option(None, "torch threads per CPU worker, at most the CPUs it may run on "
+                                                  "(default: its reserved CPUs; the pipeline gives its one training "
+                                                  "at a time the cluster's CPUs)", min=1)
+    cpu_bf16: bool = option(False, "bfloat16 autocast for CPU training steps (fast on CPUs with native bf16: "
+                                   "AVX512-BF16 or AMX; CUDA always uses float16 AMP)")
     max_failures: int = option(2, "worker failures to recover from (-1: without limit)", min=-1)
     seed: int = option(0, "random seed", min=0)
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
@@ -103,16 +110,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.set_num_threads(cpu_threads(cfg))
     task: TrainTask = config["task"](cfg, config, device)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # bfloat16 needs no loss scaling
     start_epoch, history = resume(task, scaler, device, config["tag"])
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
         task.train_mode()
-        sums, batches, waited = _train_epoch(task, shard, cfg.batch_size, device, use_amp, scaler)
+        sums, batches, waited = _train_epoch(task, shard, cfg.batch_size, device, amp_dtype, scaler)
         if batches == 0:
             raise WsssError(f"rank {rank} got no training batch of {cfg.batch_size} in epoch {epoch + 1}: "
                             f"too few training rows for {world} workers")
@@ -130,7 +137,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      if rank == 0 else None)
 
 
-def _train_epoch(task: TrainTask, shard, batch_size: int, device: torch.device, use_amp: bool,
+def cpu_threads(cfg: TrainingConfig) -> int:
+    """Torch threads of a CPU worker: ``threads_per_worker``, else its reserved CPUs; never more than the CPUs
+    this process may run on (a cluster's CPUs can span nodes)."""
+    wanted = cfg.threads_per_worker or int(cfg.cpus_per_worker)
+    return max(1, min(wanted, len(os.sched_getaffinity(0))))
+
+
+def autocast_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
+    """float16 AMP on CUDA; bfloat16 on CPU when ``cpu_bf16``; else None (float32)."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cfg.cpu_bf16 else None
+
+
+def _train_epoch(task: TrainTask, shard, batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
                  scaler: torch.amp.GradScaler) -> tuple[dict[str, float], int, float]:
     """One pass over the shard -> (summed losses, batches, seconds spent waiting for the next batch)."""
     sums: dict[str, float] = {}
@@ -143,7 +164,7 @@ def _train_epoch(task: TrainTask, shard, batch_size: int, device: torch.device, 
         waited += time.time() - asked
         if batch is None:
             break
-        with torch.autocast(device_type=device.type, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = task.losses(batch)
         task.optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["total"]).backward()
@@ -298,10 +319,24 @@ def fit(cfg: TrainingConfig, task: type, loop_config: dict[str, Any], train_ds, 
         datasets={"train": train_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    result = fit_and_release(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.name!r} finished without a checkpoint")
     return result.checkpoint.path, dict(result.metrics or {})
+
+
+def fit_and_release(trainer: TorchTrainer) -> ray.train.Result:
+    """``trainer.fit()``, then the SIGINT handler it installs goes: that handler holds the TrainController's
+    actor handle, so without this the controller and the data actors it owns (about 1 GB of RSS each, torch
+    imported) stay alive until the next fit or the driver's end, e.g. through a pipeline's later stages
+    (Ray 2.60's ``DataParallelTrainer._register_sigint_handler``)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    try:
+        return trainer.fit()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def _run_checkpoint(cfg: TrainingConfig, fs: pafs.FileSystem, run_path: str) -> str | None:

@@ -104,7 +104,8 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
         ("train", cfg.uri("train"), lambda: _skip_or(cfg.uri("train"), opts, lambda: train_acr.run(_stage_config(
             train_acr.TrainClassifierConfig,
             {"data": data, "out": cfg.uri("train"), "method": cfg.method, "num_workers": cfg.num_workers,
-             "train_split": cfg.train_split(), "val_split": cfg.eval_split(), **gpu}, cfg.train, opts)))),
+             "train_split": cfg.train_split(), "val_split": cfg.eval_split(), **gpu, **training_threads(cfg)},
+            cfg.train, opts)))),
         ("seeds", cfg.uri("seeds"), lambda: extract_seeds.run(_stage_config(
             extract_seeds.ExtractSeedsConfig, {"checkpoint": cfg.uri("train"), "data": data, "out": cfg.uri("seeds"),
                                          "refine": refine_by_default(cfg), **gpu},
@@ -117,12 +118,27 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
         ("deeplab", cfg.uri("deeplab"), lambda: _skip_or(cfg.uri("deeplab"), opts, lambda: train_deeplab.run(_stage_config(
             train_deeplab.TrainDeepLabConfig,
             {"masks": cfg.uri("masks"), "data": data, "out": cfg.uri("deeplab"), "num_workers": cfg.num_workers,
-             "train_split": cfg.train_split(), "val_split": cfg.eval_split(), **gpu}, cfg.deeplab, opts)))),
+             "train_split": cfg.train_split(), "val_split": cfg.eval_split(), **gpu, **training_threads(cfg)},
+            cfg.deeplab, opts)))),
         ("segment", cfg.uri("segment"), lambda: segment.run(_stage_config(
             segment.SegmentConfig, {"checkpoint": cfg.uri("deeplab"), "data": data, "out": cfg.uri("segment"),
                                     "split": cfg.eval_split(), **gpu}, cfg.segment, opts))),
         ("eval_segment", seg_eval, evaluation(cfg.uri("segment"), seg_eval, "masks", cfg.eval_split())),
     ]
+
+
+def training_threads(cfg: PipelineConfig) -> dict[str, int]:
+    """CPU trainings get the cluster's CPUs as torch threads (a YAML ``threads_per_worker`` wins).
+
+    The pipeline runs one stage at a time, so while it trains nothing else runs but the training's own Ray
+    Data ingest, a few percent of a step's CPU: one thread per reserved CPU (a training job's default) left
+    half of a 2-core machine idle through both trainings. Called when the stage starts (Ray is up by then).
+    """
+    if cfg.use_gpu:
+        return {}
+    import ray
+
+    return {"threads_per_worker": max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.num_workers)}
 
 
 def refine_by_default(cfg: PipelineConfig) -> bool:
