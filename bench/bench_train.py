@@ -103,7 +103,7 @@ def plain_loop(cfg: TrainClassifierConfig, threads: int, loader_workers: int) ->
     for epoch in range(cfg.epochs):
         started = time.time()
         task.train_mode()
-        _, batches, waited = training._train_epoch(task, shard, cfg.batch_size, torch.device("cpu"), False,
+        _, batches, waited = training._train_epoch(task, shard, cfg.batch_size, torch.device("cpu"), None,
                                                    torch.amp.GradScaler("cuda", enabled=False))
         row = {"epoch": epoch + 1, "train_batches": batches, "data_wait_seconds": round(waited, 2),
                **training.validate(task, val_files, 0, 1, None), "epoch_seconds": round(time.time() - started, 2)}
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--threads-per-worker", type=int, default=None, help="torch threads (default: the reservation)")
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs (default: all)")
     parser.add_argument("--ray-niceness", type=int, default=0,
                         help="nice value of Ray's worker processes (Ray's default: 15; the plain loop runs at 0)")
@@ -152,8 +153,9 @@ def main() -> None:
     cfg = TrainClassifierConfig(
         data=data, out=os.path.join(workdir, f"ray_{time.strftime('%Y%m%d_%H%M%S')}"), method=args.method,
         model=args.model, img_size=args.img_size, depth=args.depth, epochs=args.epochs, batch_size=args.batch_size,
-        num_workers=1, cpus_per_worker=args.cpus_per_worker, max_failures=0, name="bench")
-    threads = max(1, int(args.cpus_per_worker))  # what the Ray worker sets
+        num_workers=1, cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker,
+        max_failures=0, name="bench")
+    threads = training.cpu_threads(cfg)  # what the Ray worker sets
 
     plain = plain_loop(cfg, threads, args.plain_loader_workers)
     reports = os.path.join(workdir, f"reports_{time.time():.0f}.txt")
@@ -170,7 +172,8 @@ def main() -> None:
     plain_ips, ray_ips = images_per_second(plain["history"], cfg.batch_size), images_per_second(ray_history, cfg.batch_size)
     report = {
         "config": {k: v for k, v in dataclasses.asdict(cfg).items()
-                   if k in ("method", "model", "img_size", "depth", "batch_size", "epochs", "cpus_per_worker")},
+                   if k in ("method", "model", "img_size", "depth", "batch_size", "epochs", "cpus_per_worker",
+                            "threads_per_worker")},
         "num_train": args.num_train, "num_val": args.num_val, "torch_threads": threads,
         "plain_loader_workers": args.plain_loader_workers, "ray_worker_niceness": args.ray_niceness,
         "load_average_1min": [round(load_before[0], 1), round(load_after[0], 1)],

@@ -165,12 +165,32 @@ def map_tasks(cfg: StageConfig, stage: BatchStage, tasks: Sequence[FileTask]) ->
     if not tasks:
         return
     items = [{"task": task} for task in tasks]
+    # One task in flight per actor: Ray Data's default (several) queued every file of a small stage on the
+    # first actor, so the pool never grew (a seeds stage of 2-4 files ran on 1 of 2 CPUs) and a file's
+    # result waited for the files queued with it. The pool starts as large as it can usefully be.
+    compute = ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors,
+                                         initial_size=initial_actors(len(tasks), cfg.num_actors, stage.remote_args),
+                                         max_tasks_in_flight_per_actor=1)
     results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _TaskRunner, fn_constructor_args=(stage.worker, stage.worker_args, cfg, stage.name, stage.table),
-        batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors), **stage.remote_args)
-    for row in results.iter_rows():
-        yield dict(row)
+        batch_size=1, batch_format="numpy", compute=compute, **stage.remote_args)
+    # Block by block, nothing prefetched: iter_rows() prefetches one block, so each file's result reached the
+    # driver only once the next file was done (the first evaluation counts waited for the second file).
+    for block in results.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        yield from block.to_pylist()
+
+
+def initial_actors(num_tasks: int, most: int | None, remote_args: dict[str, Any],
+                   cluster: dict[str, float] | None = None) -> int:
+    """Actors to start at once: one per task, at most ``most`` and what the cluster's resources hold now
+    (an autoscaling cluster grows the pool later, up to ``most``)."""
+    import ray
+
+    cluster = ray.cluster_resources() if cluster is None else cluster
+    wanted = {"CPU": remote_args.get("num_cpus", 1), "GPU": remote_args.get("num_gpus", 0),
+              **remote_args.get("resources", {})}
+    fit = min((int(cluster.get(name, 0) // amount) for name, amount in wanted.items() if amount), default=num_tasks)
+    return max(1, min(num_tasks, most or num_tasks, fit))
 
 
 def _check_plan(cfg: StageConfig, stage: BatchStage) -> None:

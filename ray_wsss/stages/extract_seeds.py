@@ -20,7 +20,7 @@ from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError
 from ray_wsss.core.methods import MapOptions
 from ray_wsss.core.seeds.tta import TTAConfig
-from ray_wsss.harness import batch_stage, training
+from ray_wsss.harness import batch_stage
 from ray_wsss.harness.cluster import model_actor_args
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,10 @@ def run(cfg: ExtractSeedsConfig) -> dict[str, Any]:
 
 
 def _stage(cfg: ExtractSeedsConfig) -> batch_stage.BatchStage:
+    # Imported here, in the driver: the actors unpickle this module, and Ray Train and matplotlib
+    # (which the training harness pulls in) added about 2 s of CPU to every actor's start.
+    from ray_wsss.harness import training
+
     checkpoint_uri = training.find_checkpoint(cfg.checkpoint, cfg.storage)
     meta = storage.read_json(storage.join(checkpoint_uri, checkpoints.META_FILE), cfg.storage)
     log.info("extracting seeds with %s checkpoint %s (epoch %s)", meta["method"], checkpoint_uri, meta["epoch"])
