@@ -64,7 +64,7 @@ def _observed(map_tasks):
         for row in map_tasks(*args, **kwargs):
             if not FIRST_RESULT:
                 FIRST_RESULT.append(time.time())
-            TASK_RESULTS.append({k: row.get(k) for k in ("task_cpu_seconds", "worker_cpu_seconds")})
+            TASK_RESULTS.append({k: row.get(k) for k in ("task_cpu_seconds", "worker_cpu_seconds", "task_started_at")})
             yield row
     return wrapper
 
@@ -116,6 +116,10 @@ def run_stages(root: str, n: int, args, classifier: str, deeplab: str, cpu: _mea
             summary = thunk()
         assert not summary.get("skipped") and not summary.get("errors"), summary
         m["first_result_share"] = round((FIRST_RESULT[0] - m["start"]) / m["wall_s"], 3) if FIRST_RESULT else None
+        if FIRST_RESULT:  # the first result's wait: start-up (until a task began), then that task
+            first_task = min(r["task_started_at"] for r in TASK_RESULTS)
+            m["first_task_start_s"] = round(first_task - m["start"], 2)
+            m["first_result_s"] = round(FIRST_RESULT[0] - m["start"], 2)
         m["actor_task_cpu_s"] = round(sum(r["task_cpu_seconds"] or 0 for r in TASK_RESULTS), 2)
         m["actor_worker_cpu_s"] = round(sum(r["worker_cpu_seconds"] or 0 for r in TASK_RESULTS), 2)
         m["files"] = len(TASK_RESULTS)
@@ -246,8 +250,10 @@ def print_report(sizes: list[int], runs: dict[int, dict], table: dict, floors: d
           f"{m['whole_stage_over_dense_crf']}x dense_crf)")
     print(f"seeds table: {runs[large]['seeds']['bytes_per_class_pixel']} bytes per class·pixel")
     for stage in ("eval_seeds", "eval_masks"):
-        print(f"{stage}: first result at {runs[small][stage]['first_result_share']:.0%} (N) / "
-              f"{runs[large][stage]['first_result_share']:.0%} ({large}) of the stage's wall time")
+        a, b = runs[small][stage], runs[large][stage]
+        print(f"{stage}: first result at {a['first_result_share']:.0%} ({small}) / {b['first_result_share']:.0%} "
+              f"({large}) of the stage's wall time; at {large}: {b['first_result_s']} s of {b['wall_s']} s, of which "
+              f"{b['first_task_start_s']} s until the first task began (actor start-up), over {b['files']} files")
 
 
 def main() -> None:

@@ -318,7 +318,7 @@ class _TaskRunner:
         return {k: [r.get(k) for r in results] for k in keys}
 
     def _run(self, task: FileTask) -> dict[str, Any]:
-        started = time.process_time()
+        started_at, started = time.time(), time.process_time()
         in_worker = 0.0
         rows_out: list[pa.RecordBatch] = []
         failures: list[tuple[str, str]] = []
@@ -340,10 +340,10 @@ class _TaskRunner:
             write_table_file(commit.staging_uri(self.cfg.out, self.table), task.name,
                              pa.Table.from_batches(rows_out, schema=target), self.cfg.storage)
         finish = getattr(self.worker, "task_result", None)
-        # CPU seconds of this actor process on the task, and inside the stage's worker: what the harness
-        # itself costs per file (reading, pairing, Arrow rows, writing) is the difference.
-        return {**result, **(finish() if finish else {}), "task_cpu_seconds": time.process_time() - started,
-                "worker_cpu_seconds": in_worker}
+        # When the task started, and the CPU seconds of this actor process on it and inside the stage's worker:
+        # what the harness itself costs per file (reading, pairing, Arrow rows, writing) is the difference.
+        return {**result, **(finish() if finish else {}), "task_started_at": started_at,
+                "task_cpu_seconds": time.process_time() - started, "worker_cpu_seconds": in_worker}
 
 
 def _process(worker: Worker, records: list[dict[str, Any]]) -> tuple[list[dict], list[tuple[str, str]]]:
