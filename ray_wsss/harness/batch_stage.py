@@ -165,12 +165,14 @@ def map_tasks(cfg: StageConfig, stage: BatchStage, tasks: Sequence[FileTask]) ->
     if not tasks:
         return
     items = [{"task": task} for task in tasks]
-    # One task in flight per actor: Ray Data's default (several) queued every file of a small stage on the
-    # first actor, so the pool never grew (a seeds stage of 2-4 files ran on 1 of 2 CPUs) and a file's
-    # result waited for the files queued with it. The pool starts as large as it can usefully be.
+    # The pool starts as large as it can usefully be: from one actor, Ray Data's autoscaler did not grow it on
+    # a 2-CPU machine (a seeds stage's 2-4 files all queued on the first actor, 1 of 2 CPUs busy). Two tasks
+    # in flight per actor, not Ray's default 4, so files spread over the actors; and not 1, which would keep
+    # the pool's utilisation under Ray's scale-up threshold (175 %) and so stop an autoscaling cluster's
+    # new nodes from adding actors.
     compute = ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors,
                                          initial_size=initial_actors(len(tasks), cfg.num_actors, stage.remote_args),
-                                         max_tasks_in_flight_per_actor=1)
+                                         max_tasks_in_flight_per_actor=2)
     results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _TaskRunner, fn_constructor_args=(stage.worker, stage.worker_args, cfg, stage.name, stage.table),
         batch_size=1, batch_format="numpy", compute=compute, **stage.remote_args)
