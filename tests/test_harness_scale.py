@@ -76,3 +76,5 @@ def test_cpu_threads_and_autocast():
     assert training.autocast_dtype(base, torch.device("cpu")) is None
     assert training.autocast_dtype(training.TrainingConfig(cpu_bf16=True), torch.device("cpu")) is torch.bfloat16
     assert training.autocast_dtype(base, torch.device("cuda")) is torch.float16
+    auto = training.TrainingConfig(cpu_bf16=None)  # DeepLab's default: bf16 where the CPU has it natively
+    assert training.autocast_dtype(auto, torch.device("cpu")) is (torch.bfloat16 if training.native_cpu_bf16() else None)

@@ -70,8 +70,8 @@ class TrainingConfig:
     threads_per_worker: int | None = option(None, "torch threads per CPU worker, at most the CPUs it may run on "
                                                   "(default: its reserved CPUs; the pipeline gives its one training "
                                                   "at a time the cluster's CPUs)", min=1)
-    cpu_bf16: bool = option(False, "bfloat16 autocast for CPU training steps (fast on CPUs with native bf16: "
-                                   "AVX512-BF16 or AMX; CUDA always uses float16 AMP)")
+    cpu_bf16: bool | None = option(False, "bfloat16 autocast for CPU training steps (fast on CPUs with native "
+                                          "bf16: AVX512-BF16 or AMX; CUDA always uses float16 AMP)")
     max_failures: int = option(2, "worker failures to recover from (-1: without limit)", min=-1)
     seed: int = option(0, "random seed", min=0)
     storage: StorageOptions = dataclasses.field(default_factory=StorageOptions)
@@ -145,10 +145,17 @@ def cpu_threads(cfg: TrainingConfig) -> int:
 
 
 def autocast_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
-    """float16 AMP on CUDA; bfloat16 on CPU when ``cpu_bf16``; else None (float32)."""
+    """float16 AMP on CUDA; bfloat16 on CPU when ``cpu_bf16`` (None: when this CPU computes bf16 natively);
+    else None (float32)."""
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if cfg.cpu_bf16 else None
+    wanted = native_cpu_bf16() if cfg.cpu_bf16 is None else cfg.cpu_bf16
+    return torch.bfloat16 if wanted else None
+
+
+def native_cpu_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere bf16 convs are emulated, slow."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _train_epoch(task: TrainTask, shard, batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
