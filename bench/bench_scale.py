@@ -127,7 +127,23 @@ def run_stages(root: str, n: int, args, classifier: str, deeplab: str, cpu: _mea
         print(f"[bench] n={n} {name}: wall {m['wall_s']} s, CPU {m['cpu_s']['total']} s, store peak "
               f"{m.get('store_peak_mb')} MB, driver peak {m['driver_peak_rss_mb']} MB", flush=True)
     results["seeds"]["bytes_per_class_pixel"] = seeds_bytes_per_class_pixel(seeds)
+    for name, (uri, table) in {"prepare": (data, "samples"), "seeds": (seeds, "seeds"), "masks": (masks, "masks"),
+                               "segment": (seg, "masks")}.items():
+        if name in results:
+            results[name]["table_bytes_per_image"] = table_bytes_per_image(uri, table)
     return results
+
+
+def table_bytes_per_image(uri: str, table: str) -> dict[str, float]:
+    """Bytes per row of a committed table: whole Parquet files, and per binary column before Parquet."""
+    files = commit.table_files(uri, table)
+    rows = sum(pq.read_metadata(p).num_rows for p in files)
+    per_column = {}
+    for column in ("image", "gt_mask", "scores", "mask"):
+        if column in pq.read_schema(files[0]).names:
+            per_column[column] = round(sum(sum(len(v) for v in pq.read_table(p, columns=[column])[column].to_pylist()
+                                              if v is not None) for p in files) / rows)
+    return {"file": round(sum(os.path.getsize(p) for p in files) / rows), **per_column}
 
 
 def seeds_bytes_per_class_pixel(seeds: str) -> dict[str, float]:
@@ -249,6 +265,8 @@ def print_report(sizes: list[int], runs: dict[int, dict], table: dict, floors: d
           f"{floors['masks']['make_mask_ms']:.2f} ms -> {m['slope_over_make_mask']}x; whole stage at {large}: "
           f"{m['whole_stage_over_dense_crf']}x dense_crf)")
     print(f"seeds table: {runs[large]['seeds']['bytes_per_class_pixel']} bytes per class·pixel")
+    print("bytes per image: " + "; ".join(f"{stage} {runs[large][stage]['table_bytes_per_image']}"
+                                          for stage in runs[large] if "table_bytes_per_image" in runs[large][stage]))
     for stage in ("eval_seeds", "eval_masks"):
         a, b = runs[small][stage], runs[large][stage]
         print(f"{stage}: first result at {a['first_result_share']:.0%} ({small}) / {b['first_result_share']:.0%} "
