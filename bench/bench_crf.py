@@ -29,17 +29,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _measure  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import _measure
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ray_wsss.core import codec, commit, schema, storage  # noqa: E402
-from ray_wsss.core.refine.crf import dense_crf, label_scores, softmax  # noqa: E402
-from ray_wsss.stages.make_masks import MakeMasksConfig, make_mask  # noqa: E402
-from ray_wsss.stages.make_masks import run as make_masks  # noqa: E402
-from ray_wsss.stages.prepare_data import PrepareConfig  # noqa: E402
-from ray_wsss.stages.prepare_data import run as prepare  # noqa: E402
+from ray_wsss.core import codec, commit, schema, storage
+from ray_wsss.core.refine.crf import dense_crf, label_scores, softmax
+from ray_wsss.stages.make_masks import MakeMasksConfig, make_mask
+from ray_wsss.stages.make_masks import run as make_masks
+from ray_wsss.stages.prepare_data import PrepareConfig
+from ray_wsss.stages.prepare_data import run as prepare
 
 
 def blurred_seeds(gt: np.ndarray, labels: list[int], rng: np.random.Generator) -> np.ndarray:
@@ -67,7 +67,8 @@ def build(root: str, name: str, images: int, size: int, rows_per_file: int) -> t
         for row in pq.read_table(path).to_pylist():
             gt = codec.decode_mask(row["gt_mask"])
             rows.append({"image_id": row["image_id"], "height": row["height"], "width": row["width"],
-                         "classes": row["labels"], "scores": codec.encode_scores(blurred_seeds(gt, row["labels"], rng))})
+                         "classes": row["labels"],
+                         "scores": codec.encode_scores(blurred_seeds(gt, row["labels"], rng))})
         commit.write_staged_table(seeds, "seeds", pa.Table.from_pylist(rows, schema=schema.SEEDS),
                                   name=os.path.basename(path))
     meta = storage.read_json(storage.join(data, "dataset.json"))
@@ -80,7 +81,8 @@ def bare_cpu(data: str, seeds: str, cfg: MakeMasksConfig) -> dict[str, float]:
     """CPU seconds of the per-image work in a plain loop (one thread), and of dense_crf alone."""
     samples = {r["image_id"]: r["image"] for r in commit.read_table(data, "samples").to_pylist()}
     labelling = cfg.labelling(cfg.threshold)
-    work = [(samples[row["image_id"]], row["scores"], row["classes"]) for row in commit.read_table(seeds, "seeds").to_pylist()]
+    work = [(samples[row["image_id"]], row["scores"], row["classes"])
+            for row in commit.read_table(seeds, "seeds").to_pylist()]
     start = time.process_time()
     for image_png, scores_npy, classes in work:  # the stage's per-image work: decode, CRF, encode
         rgb, scores = codec.decode_image(image_png), codec.decode_scores(scores_npy)

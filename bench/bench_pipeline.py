@@ -20,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _measure  # noqa: E402
+import _measure
 
-from ray_wsss.core import config as config_lib  # noqa: E402
-from ray_wsss.core import storage  # noqa: E402
-from ray_wsss.stages import pipeline  # noqa: E402
+from ray_wsss.core import config as config_lib
+from ray_wsss.core import storage
+from ray_wsss.stages import pipeline
 
 
 def main() -> None:
@@ -75,7 +75,8 @@ def main() -> None:
             print(f"  {row['epoch']:>3} " + " ".join(f"{row.get(k, float('nan')):>8.1f}" for k in keys))
     print("\nworker CPU seconds by what the processes ran (Ray's process titles):")
     for row in rows:
-        print(f"  {row['stage']:<14}" + ", ".join(f"{k} {v}" for k, v in list(row["cpu_s"]["workers_by_name"].items())[:5]))
+        top = list(row["cpu_s"]["workers_by_name"].items())[:5]
+        print(f"  {row['stage']:<14}" + ", ".join(f"{k} {v}" for k, v in top))
     for row in rows[1:]:
         print(f"{row['stage']}: {row['metrics']}")
     with open(os.path.join(args.out, "bench_pipeline.json"), "w") as f:

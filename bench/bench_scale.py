@@ -38,20 +38,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _measure  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
+import _measure
+import numpy as np
+import pyarrow.parquet as pq
+import torch
 
-from ray_wsss.core import checkpoints, codec, commit  # noqa: E402
-from ray_wsss.core.data import synthetic  # noqa: E402
-from ray_wsss.core.methods import MapOptions, get_method  # noqa: E402
-from ray_wsss.core.models.deeplab import DeepLabConfig, create_deeplab  # noqa: E402
-from ray_wsss.core.refine.crf import dense_crf, label_scores, make_mask, softmax  # noqa: E402
-from ray_wsss.core.seeds.tta import TTAConfig, seed_scores_batch  # noqa: E402
-from ray_wsss.harness import batch_stage  # noqa: E402
-from ray_wsss.stages import evaluate, extract_seeds, make_masks, prepare_data, segment  # noqa: E402
-from ray_wsss.stages.train_acr import TrainClassifierConfig  # noqa: E402
+from ray_wsss.core import checkpoints, codec, commit
+from ray_wsss.core.data import synthetic
+from ray_wsss.core.methods import MapOptions, get_method
+from ray_wsss.core.models.deeplab import DeepLabConfig, create_deeplab
+from ray_wsss.core.refine.crf import dense_crf, label_scores, make_mask, softmax
+from ray_wsss.core.seeds.tta import TTAConfig, seed_scores_batch
+from ray_wsss.harness import batch_stage
+from ray_wsss.stages import evaluate, extract_seeds, make_masks, prepare_data, segment
+from ray_wsss.stages.train_acr import TrainClassifierConfig
 
 THRESHOLD = 0.3
 FIRST_RESULT: list[float] = []
@@ -188,7 +188,7 @@ def seeds_floor(data: str, classifier: str) -> dict[str, float]:
             rgbs = [codec.decode_image(b) for b in batch["image"].to_pylist()]
             labels = batch["labels"].to_pylist()
             seed_scores_batch(forward_only, model, rgbs, labels, tta)
-            maps_cpu += _cpu_of(lambda: method.seed_scores(model, rgbs, labels, options, tta))
+            maps_cpu += _cpu_of(lambda rgbs=rgbs, labels=labels: method.seed_scores(model, rgbs, labels, options, tta))
             images += len(rgbs)
     return {"forward_ms": 1000 * forward_cpu[0] / images, "maps_ms": 1000 * maps_cpu / images,
             "mean_view_batch": float(np.mean(view_batches)), "images": images}
@@ -197,16 +197,18 @@ def seeds_floor(data: str, classifier: str) -> dict[str, float]:
 def crf_floor(data: str, seeds: str) -> dict[str, float]:
     """CPU ms per image in this process: bare dense_crf on the stage's probabilities, and make_mask whole."""
     labelling = make_masks.MakeMasksConfig(threshold=THRESHOLD).labelling(THRESHOLD)
-    samples = {r["image_id"]: r["image"] for r in commit.read_table(data, "samples", columns=["image_id", "image"]).to_pylist()}
+    table = commit.read_table(data, "samples", columns=["image_id", "image"])
+    samples = dict(zip(table["image_id"].to_pylist(), table["image"].to_pylist()))
     crf_cpu = mask_cpu = 0.0
     rows = commit.read_table(seeds, "seeds").to_pylist()
     for row in rows:
         rgb, scores = codec.decode_image(samples[row["image_id"]]), codec.decode_scores(row["scores"])
         if len(row["classes"]):
             probs = softmax(label_scores(scores, labelling), labelling.crf_config.scale)
-            crf_cpu += _cpu_of(lambda: dense_crf(rgb, probs, labelling.crf_config))
-        mask_cpu += _cpu_of(lambda: make_mask(rgb, scores, row["classes"], labelling))
-    return {"dense_crf_ms": 1000 * crf_cpu / len(rows), "make_mask_ms": 1000 * mask_cpu / len(rows), "images": len(rows)}
+            crf_cpu += _cpu_of(lambda rgb=rgb, probs=probs: dense_crf(rgb, probs, labelling.crf_config))
+        mask_cpu += _cpu_of(lambda rgb=rgb, scores=scores, row=row: make_mask(rgb, scores, row["classes"], labelling))
+    return {"dense_crf_ms": 1000 * crf_cpu / len(rows), "make_mask_ms": 1000 * mask_cpu / len(rows),
+            "images": len(rows)}
 
 
 def fit(sizes: list[int], values: list[float]) -> tuple[float, float]:
@@ -237,7 +239,8 @@ def report(sizes: list[int], runs: dict[int, dict], floors: dict[str, dict]) -> 
         if stage == "masks":
             row["slope_over_dense_crf"] = round(slope * 1000 / floors["masks"]["dense_crf_ms"], 2)
             row["slope_over_make_mask"] = round(slope * 1000 / floors["masks"]["make_mask_ms"], 2)
-            row["whole_stage_over_dense_crf"] = round(b["cpu_s"]["total"] * 1000 / large / floors["masks"]["dense_crf_ms"], 2)
+            row["whole_stage_over_dense_crf"] = round(
+                b["cpu_s"]["total"] * 1000 / large / floors["masks"]["dense_crf_ms"], 2)
         table[stage] = row
     return table
 

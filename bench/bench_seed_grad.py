@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--model", default="vit_tiny_patch16_224")
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--size", type=int, default=None, help="all images SIZE x SIZE (default: the generator's range)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="all images SIZE x SIZE (default: the generator's range)")
     parser.add_argument("--record-batch", type=int, default=8, help="records per UDF call (the stage's batch_size)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True)
@@ -102,8 +103,9 @@ def main() -> None:
             run(fn)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
-    pairs = sum(len(l) for l in labels)
-    print(f"{args.model} depth {args.depth}, {len(images)} images ({'%dpx' % args.size if args.size else 'sizes of the generator'}), "
+    pairs = sum(len(row) for row in labels)
+    sizes = f"{args.size}px" if args.size else "sizes of the generator"
+    print(f"{args.model} depth {args.depth}, {len(images)} images ({sizes}), "
           f"{pairs / len(images):.2f} classes per image, record batches of {args.record_batch}, flip {args.flip}, "
           f"refine {args.refine}, {torch.get_num_threads()} thread(s); mean view batch {np.mean(view_batches):.2f} "
           f"({len(view_batches)} forwards)")

@@ -169,7 +169,8 @@ def main() -> None:
     ray_history = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl")) if line.strip()]
     epochs = [row["epoch_seconds"] for row in ray_history]
 
-    plain_ips, ray_ips = images_per_second(plain["history"], cfg.batch_size), images_per_second(ray_history, cfg.batch_size)
+    plain_ips = images_per_second(plain["history"], cfg.batch_size)
+    ray_ips = images_per_second(ray_history, cfg.batch_size)
     report = {
         "config": {k: v for k, v in dataclasses.asdict(cfg).items()
                    if k in ("method", "model", "img_size", "depth", "batch_size", "epochs", "cpus_per_worker",

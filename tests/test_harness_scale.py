@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import ClassVar
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def test_initial_actors(num_tasks, most, remote_args, cluster, expected):
 class _Gate:
     """A worker whose records marked ``wait`` block until the driver creates ``marker``."""
 
-    columns: dict = {}
+    columns: ClassVar[dict] = {}
 
     def __init__(self, cfg, marker: str):
         self.marker = marker
@@ -77,4 +78,5 @@ def test_cpu_threads_and_autocast():
     assert training.autocast_dtype(training.TrainingConfig(cpu_bf16=True), torch.device("cpu")) is torch.bfloat16
     assert training.autocast_dtype(base, torch.device("cuda")) is torch.float16
     auto = training.TrainingConfig(cpu_bf16=None)  # DeepLab's default: bf16 where the CPU has it natively
-    assert training.autocast_dtype(auto, torch.device("cpu")) is (torch.bfloat16 if training.native_cpu_bf16() else None)
+    native = torch.bfloat16 if training.native_cpu_bf16() else None
+    assert training.autocast_dtype(auto, torch.device("cpu")) is native
