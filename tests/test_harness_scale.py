@@ -80,3 +80,17 @@ def test_cpu_threads_and_autocast():
     auto = training.TrainingConfig(cpu_bf16=None)  # DeepLab's default: bf16 where the CPU has it natively
     native = torch.bfloat16 if training.native_cpu_bf16() else None
     assert training.autocast_dtype(auto, torch.device("cpu")) is native
+
+
+def test_pipeline_gives_its_trainings_the_cpus_unless_the_machine_is_busy(monkeypatch):
+    import ray
+
+    from ray_wsss.stages import pipeline
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    cfg = pipeline.PipelineConfig(num_workers=2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert pipeline.training_threads(cfg) == {"threads_per_worker": 2}
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))  # other work holds the cores
+    assert pipeline.training_threads(cfg) == {}
+    assert pipeline.training_threads(pipeline.PipelineConfig(use_gpu=True)) == {}

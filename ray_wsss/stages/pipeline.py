@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -128,17 +129,27 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
 
 
 def training_threads(cfg: PipelineConfig) -> dict[str, int]:
-    """CPU trainings get the cluster's CPUs as torch threads (a YAML ``threads_per_worker`` wins).
+    """CPU trainings get the cluster's CPUs as torch threads, unless this machine is busy with other work
+    (a YAML ``threads_per_worker`` wins either way).
 
-    The pipeline runs one stage at a time, so while it trains nothing else runs but the training's own Ray
-    Data ingest, a few percent of a step's CPU: one thread per reserved CPU (a training job's default) left
-    half of a 2-core machine idle through both trainings. Called when the stage starts (Ray is up by then).
+    The pipeline runs one stage at a time, so while it trains nothing else of its own runs but the training's
+    Ray Data ingest, a few percent of a step's CPU: one thread per reserved CPU (a training job's default)
+    leaves half of a 2-core machine idle through both trainings. But OpenMP threads that share their cores
+    with other work wait on each other at every operation: on the 2-core machine at a load average of 20-40,
+    two threads made a DeepLab step 3-4x and an ACR ViT step 3-9x SLOWER than one. So when the 1-minute load
+    average already reaches the CPU count, the trainings keep one thread per reserved CPU. Called when the
+    stage starts (Ray is up by then).
     """
     if cfg.use_gpu:
         return {}
     import ray
 
-    return {"threads_per_worker": max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.num_workers)}
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    load = os.getloadavg()[0]
+    if load >= cpus:
+        log.info("load average %.1f on %d CPUs: training keeps one thread per reserved CPU", load, cpus)
+        return {}
+    return {"threads_per_worker": max(1, cpus // cfg.num_workers)}
 
 
 def refine_by_default(cfg: PipelineConfig) -> bool:
