@@ -4,7 +4,9 @@ A trainer stage supplies a :class:`TrainTask` (built on every worker: model, opt
 losses, validation on a slice of the held-out rows) and the datasets; :func:`fit` runs them in a
 ``TorchTrainer`` and :func:`finish` commits the run. What the loop does, for every trainer alike:
 
-* seeds torch per rank, picks the device Ray grants (AMP on CUDA), sets CPU threads;
+* seeds torch per rank, picks the device Ray grants (float16 AMP on CUDA; bfloat16 autocast on CPU when the
+  trainer's ``cpu_bf16`` says so), sets CPU threads (``threads_per_worker``);
+* records where each epoch went: waiting for input, steps, held-out scoring, the worker's CPU seconds;
 * resumes from Ray Train's latest checkpoint of the run (fixed ``RunConfig(name=...)``, same storage);
 * averages every logged loss over all ranks, so the learning curve is the whole epoch's;
 * validates in EVERY rank on its own slice of the held-out split, read straight from the Parquet files
@@ -12,6 +14,7 @@ losses, validation on a slice of the held-out rows) and the datasets; :func:`fit
   deadlock a rank-0-only validation over a Ray Data shard risked), then gathers the slices; Ray 2.60's
   ``ValidationConfig`` runs asynchronously after the report, which would leave the learning curve and
   ASHA without the epoch's held-out metric;
+* releases Ray Train's controller and data actors when the run ends (:func:`fit_and_release`);
 * saves a checkpoint each epoch from rank 0: ``model.safetensors`` (weights), ``train_state.pt`` (optimiser,
   schedule, scaler: plain tensors and numbers, loaded with ``weights_only=True``) and ``meta.json`` (model
   config, method, classes, epoch, history), plus ``metrics.jsonl`` and ``learning_curve.png``.
