@@ -1,18 +1,23 @@
-"""Throughput of the classifier training loop: Ray Train (1 worker, Ray Data ingest) vs plain PyTorch.
+"""The classifier training loop on Ray Train (1 worker, Ray Data ingest) vs plain PyTorch: start-up, first epoch
+and steady epochs, each reported on its own.
 
-Both sides train the same model (``TrainStep``: both ACR views and every loss term), with the same
-optimiser, schedule, batch size, synthetic data and ``ClassifierTransform`` augmentation, and both
-evaluate on the held-out split each epoch. The Ray side is the real ``train_acr.run`` and its
-per-epoch ``epoch_seconds`` (train + held-out evaluation, as ``metrics.jsonl`` records them); the
-plain side is a single-process loop timed the same way. Epoch 1 is warm-up on both sides (Ray
-start, worker start, first Ray Data pipeline, allocator) and is left out: throughput is the train
-images of epochs 2..N over their seconds. Prints images/s of each and the ratio ray/plain.
+Both sides run the SAME task (``train_acr.ClassifierTask``: model, both ACR views, every loss term, timm's
+optimiser groups, the poly schedule, held-out mAP) through the SAME epoch function
+(``harness.training._train_epoch``) and the same held-out scoring (``harness.training.validate``); they
+differ only in what is measured: Ray Train + Ray Data streaming the Parquet files, or a plain process with
+a DataLoader over the decoded rows. Prints:
 
-Ray runs its worker processes at nice 15; on a machine shared with other work that alone starves
-them against the nice-0 plain loop, so the bench starts Ray with RAY_worker_niceness=0 (both sides
-equal; pass --ray-niceness 15 for Ray's default).
+* start-up: ``ray.init``; Ray Train until its first epoch begins (the first report's arrival minus epoch 1);
+  the plain side's model build;
+* epoch 1 on each side (Ray Data's first pipeline and the allocator warm up here), with its wait for input;
+* epochs 2..N: train images per second of each and the ratio ray / plain;
+* the Ray run's whole wall time and what lies outside its epochs (checkpoints, reports, commit).
 
-Run: python bench/bench_train.py [--num-train 256] [--img-size 96] [--depth 12] [--epochs 5]
+Ray runs its worker processes at nice 15; on a machine shared with other work that alone starves them
+against the nice-0 plain loop, so the bench starts Ray with RAY_worker_niceness=0 (pass --ray-niceness 15
+for Ray's default). The load average is printed: wall seconds on a shared machine move with it.
+
+Run: python bench/bench_train.py [--num-train 256] [--img-size 96] [--depth 12] [--epochs 4]
      [--plain-loader-workers 1]   # plain side decodes in a DataLoader worker, like Ray Data does
 """
 from __future__ import annotations
@@ -24,111 +29,92 @@ import os
 import tempfile
 import time
 from typing import Any
+from unittest import mock
 
-import numpy as np
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
+import ray.train
 import torch
 
 from ray_wsss.core import commit, storage
 from ray_wsss.core.data.augment import ClassifierTransform
-from ray_wsss.core.methods import get_method
-from ray_wsss.core.methods.acr import ACRLossConfig
-from ray_wsss.core.methods.views import draw_view
-from ray_wsss.core.optim import build_optimizer, poly_schedule
+from ray_wsss.harness import training
 from ray_wsss.stages import train_acr
 from ray_wsss.stages.prepare_data import PrepareConfig
 from ray_wsss.stages.prepare_data import run as prepare
-from ray_wsss.stages.train_acr import TrainClassifierConfig, TrainStep, evaluate_classifier
+from ray_wsss.stages.train_acr import ClassifierTask, TrainClassifierConfig
 
 
-class _SplitBatches(torch.utils.data.Dataset):
-    """Batch ``i`` of one split, decoded and augmented on access (in a DataLoader worker or in-process)."""
+class ReportTimes(ray.train.UserCallback):
+    """Appends the arrival time of each epoch's report to a file (the callback runs in Ray Train's controller)."""
 
-    def __init__(self, rows: dict[str, list], transform: ClassifierTransform, batch_size: int, drop_last: bool):
-        self.rows, self.transform, self.batch_size = rows, transform, batch_size
-        n = len(rows["image"])
-        self.num_batches = n // batch_size if drop_last else -(-n // batch_size)
+    def __init__(self, path: str):
+        self.path = path
 
-    def __len__(self) -> int:
-        return self.num_batches
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{time.time()}\n")
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        part = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        batch = self.transform({"image": self.rows["image"][part], "labels": self.rows["labels"][part]})
+
+class _OneProcess:
+    """What ClassifierTask asks Ray Train's context, for a run outside Ray Train."""
+
+    @staticmethod
+    def get_world_size() -> int:
+        return 1
+
+    @staticmethod
+    def get_world_rank() -> int:
+        return 0
+
+
+class _LocalShard:
+    """The one method of a Ray Train dataset shard the epoch loop calls, over a DataLoader of the decoded rows."""
+
+    def __init__(self, rows: dict[str, list], transform: ClassifierTransform, workers: int):
+        self.rows, self.transform, self.workers = rows, transform, workers
+
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.transform({k: [self.rows[k][i] for i in indices] for k in ("image", "labels")})
         return {k: torch.from_numpy(v) for k, v in batch.items()}
 
-
-class _RawRows:
-    """The one method of the materialised val dataset that ``evaluate_classifier`` calls."""
-
-    def __init__(self, rows: dict[str, list]):
-        self.rows = rows
-
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
-        for start in range(0, len(self.rows["image"]), batch_size):
-            yield {key: np.array(values[start:start + batch_size], dtype=object) for key, values in self.rows.items()}
+    def iter_torch_batches(self, batch_size: int, drop_last: bool, **_):
+        n = len(self.rows["image"])
+        starts = range(0, n - batch_size + 1 if drop_last else n, batch_size)
+        return torch.utils.data.DataLoader([list(range(s, min(s + batch_size, n))) for s in starts],
+                                           batch_size=None, collate_fn=self._batch, num_workers=self.workers)
 
 
-def _read_split(cfg: TrainClassifierConfig, split: str) -> dict[str, list]:
-    table = commit.read_table(cfg.data, "samples", cfg.storage, columns=["image", "labels", "split"])
-    table = table.filter(pc.equal(table["split"], split))
-    return {"image": table["image"].to_pylist(), "labels": table["labels"].to_pylist()}
-
-
-def _loader(rows, transform, batch_size: int, drop_last: bool, workers: int):
-    data = _SplitBatches(rows, transform, batch_size, drop_last)
-    return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
-                                       persistent_workers=workers > 0)
-
-
-def plain_loop(cfg: TrainClassifierConfig, threads: int, loader_workers: int) -> list[dict[str, Any]]:
-    """``train_loop_per_worker`` without Ray: same module, optimiser, schedule, views and evaluation."""
+def plain_loop(cfg: TrainClassifierConfig, threads: int, loader_workers: int) -> dict[str, Any]:
+    """The harness's epoch loop without Ray: same task, epoch function and held-out scoring."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(threads)
-    class_names = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)["class_names"]
-    num_classes = len(class_names)
-    model = get_method(cfg.method).build_model(cfg.vit_config(), num_classes - 1, storage_options=cfg.storage)
-    alpha, beta = cfg.consistency_weights()
-    two_views = alpha > 0 or beta > 0
-    step_module = TrainStep(model, cfg.method,
-                            ACRLossConfig(alpha=alpha, beta=beta, layers=cfg.acr_layers) if two_views else None,
-                            cfg.patch_size)
-    train_rows, val_rows = _read_split(cfg, cfg.train_split), _read_split(cfg, cfg.val_split)
-    train_loader = _loader(train_rows, ClassifierTransform(cfg.img_size, num_classes, train=True), cfg.batch_size,
-                           True, loader_workers)
-    val_transform = ClassifierTransform(cfg.img_size, num_classes, train=False)
-    steps_per_epoch = max(1, len(train_rows["image"]) // cfg.batch_size)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
-    scheduler = poly_schedule(optimizer, steps_per_epoch * cfg.epochs, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
-    view_rng = torch.Generator().manual_seed(cfg.seed * 1000)
+    built = time.time()
+    meta = storage.read_json(storage.join(cfg.data, "dataset.json"))
+    with mock.patch("ray.train.get_context", _OneProcess), mock.patch("ray.train.torch.prepare_model", lambda m: m):
+        task = ClassifierTask(cfg, {"class_names": meta["class_names"],
+                                    "num_train": meta["counts"]["by_split"][cfg.train_split]}, torch.device("cpu"))
+    startup = time.time() - built
+    files = training.split_files(cfg.data, cfg.train_split, None)
+    rows = {k: [v for f in files for v in pq.read_table(f, columns=[k])[k].to_pylist()] for k in ("image", "labels")}
+    shard = _LocalShard(rows, ClassifierTransform(cfg.img_size, len(meta["class_names"]), train=True), loader_workers)
+    val_files = training.split_files(cfg.data, cfg.val_split, None)
     history = []
     for epoch in range(cfg.epochs):
         started = time.time()
-        step_module.train()
-        batches = 0
-        for batch in train_loader:
-            view = draw_view(cfg.view_set, view_rng, cfg.view_scales) if two_views else None
-            losses = step_module(batch["image"], batch["labels"], view)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            scheduler.step()
-            batches += 1
-        train_seconds = time.time() - started
-        row = {"epoch": epoch + 1, "train_batches": batches, "loss_total": float(losses["total"]),
-               **evaluate_classifier(model, _RawRows(val_rows), val_transform, cfg.batch_size,
-                                     torch.device("cpu"), use_amp=False)}
-        row["epoch_seconds"] = round(time.time() - started, 2)
-        row["train_seconds"] = round(train_seconds, 2)
+        task.train_mode()
+        _, batches, waited = training._train_epoch(task, shard, cfg.batch_size, torch.device("cpu"), None,
+                                                   torch.amp.GradScaler("cuda", enabled=False))
+        row = {"epoch": epoch + 1, "train_batches": batches, "data_wait_seconds": round(waited, 2),
+               **training.validate(task, val_files, 0, 1, None), "epoch_seconds": round(time.time() - started, 2)}
         history.append(row)
         print("[plain] " + json.dumps(row), flush=True)
-    return history
+    return {"startup_s": startup, "history": history}
 
 
 def images_per_second(history: list[dict[str, Any]], batch_size: int) -> float:
-    """Train images over seconds of epochs 2..N (epoch 1 is warm-up)."""
-    timed = history[1:] or history
+    """Train images over seconds of epochs 2..N."""
+    timed = history[1:]
     return sum(row["train_batches"] * batch_size for row in timed) / sum(row["epoch_seconds"] for row in timed)
 
 
@@ -140,13 +126,11 @@ def main() -> None:
     parser.add_argument("--method", default="acr")
     parser.add_argument("--model", default="vit_tiny_patch16_224")
     parser.add_argument("--img-size", type=int, default=96)
-    parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--depth", type=int, default=12)
-    parser.add_argument("--embed-dim", type=int, default=None)
-    parser.add_argument("--num-heads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--threads-per-worker", type=int, default=None, help="torch threads (default: the reservation)")
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs (default: all)")
     parser.add_argument("--ray-niceness", type=int, default=0,
                         help="nice value of Ray's worker processes (Ray's default: 15; the plain loop runs at 0)")
@@ -154,48 +138,63 @@ def main() -> None:
                         help="DataLoader worker processes for the plain loop (0: decode in the training process)")
     args = parser.parse_args()
     if args.epochs < 2:
-        parser.error("--epochs must be at least 2: epoch 1 is warm-up")
+        parser.error("--epochs must be at least 2: epoch 1 is reported apart")
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
     os.environ["RAY_worker_niceness"] = str(args.ray_niceness)  # read by the raylet ray.init starts
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True)
+    from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV
+
+    started = time.time()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True, runtime_env=LOCAL_RUNTIME_ENV)
+    ray_init_s = time.time() - started
     data = os.path.join(workdir, f"data_{args.num_train}_{args.num_val}")
-    prepare(PrepareConfig(out=data, num_train=args.num_train, num_val=args.num_val))
+    if not commit.is_committed(data):
+        prepare(PrepareConfig(out=data, num_train=args.num_train, num_val=args.num_val))
     cfg = TrainClassifierConfig(
         data=data, out=os.path.join(workdir, f"ray_{time.strftime('%Y%m%d_%H%M%S')}"), method=args.method,
-        model=args.model, img_size=args.img_size, patch_size=args.patch_size, depth=args.depth,
-        embed_dim=args.embed_dim, num_heads=args.num_heads, epochs=args.epochs, batch_size=args.batch_size,
-        num_workers=1, cpus_per_worker=args.cpus_per_worker, max_failures=0, name="bench")
-    threads = max(1, int(args.cpus_per_worker))  # what the Ray worker sets
+        model=args.model, img_size=args.img_size, depth=args.depth, epochs=args.epochs, batch_size=args.batch_size,
+        num_workers=1, cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker,
+        max_failures=0, name="bench")
+    threads = training.cpu_threads(cfg)  # what the Ray worker sets
 
     plain = plain_loop(cfg, threads, args.plain_loader_workers)
+    reports = os.path.join(workdir, f"reports_{time.time():.0f}.txt")
+    load_before = os.getloadavg()
     started = time.time()
-    summary = train_acr.run(cfg)
+    summary = train_acr.run(cfg, callbacks=[ReportTimes(reports)])
     ray_wall = time.time() - started
+    load_after = os.getloadavg()
+    ray.shutdown()
+    arrivals = [float(line) - started for line in open(reports)]
     ray_history = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl")) if line.strip()]
+    epochs = [row["epoch_seconds"] for row in ray_history]
 
-    plain_ips = images_per_second(plain, cfg.batch_size)
+    plain_ips = images_per_second(plain["history"], cfg.batch_size)
     ray_ips = images_per_second(ray_history, cfg.batch_size)
     report = {
         "config": {k: v for k, v in dataclasses.asdict(cfg).items()
-                   if k in ("method", "model", "img_size", "patch_size", "depth", "embed_dim", "num_heads",
-                            "batch_size", "epochs", "cpus_per_worker")},
+                   if k in ("method", "model", "img_size", "depth", "batch_size", "epochs", "cpus_per_worker",
+                            "threads_per_worker")},
         "num_train": args.num_train, "num_val": args.num_val, "torch_threads": threads,
         "plain_loader_workers": args.plain_loader_workers, "ray_worker_niceness": args.ray_niceness,
-        "cluster_cpus": ray.cluster_resources().get("CPU"),
-        "plain_epoch_seconds": [row["epoch_seconds"] for row in plain],
-        "plain_train_seconds": [row["train_seconds"] for row in plain],
-        "ray_epoch_seconds": [row["epoch_seconds"] for row in ray_history],
-        "ray_run_seconds_incl_startup": round(ray_wall, 1),
+        "load_average_1min": [round(load_before[0], 1), round(load_after[0], 1)],
+        "startup_s": {"ray_init": round(ray_init_s, 1),
+                      "ray_train_until_epoch_1": round(arrivals[0] - epochs[0], 1),
+                      "plain_task_build": round(plain["startup_s"], 1)},
+        "epoch_1_s": {"ray": epochs[0], "ray_data_wait": ray_history[0].get("data_wait_seconds"),
+                      "plain": plain["history"][0]["epoch_seconds"]},
+        "epochs_2_on_s": {"ray": epochs[1:], "plain": [row["epoch_seconds"] for row in plain["history"][1:]]},
+        "ray_run_s": round(ray_wall, 1),
+        "ray_run_outside_epochs_s": round(ray_wall - sum(epochs), 1),
+        "ray_after_last_report_s": round(ray_wall - arrivals[-1], 1),
         "ray_final_loss_total": summary["losses"].get("total"),
-        "plain_images_per_s": round(plain_ips, 2),
-        "ray_images_per_s": round(ray_ips, 2),
-        "ratio_ray_over_plain": round(ray_ips / plain_ips, 3),
+        "plain_images_per_s": round(plain_ips, 2), "ray_images_per_s": round(ray_ips, 2),
+        "ratio_ray_over_plain_epochs_2_on": round(ray_ips / plain_ips, 3),
     }
-    ray.shutdown()
     print(json.dumps(report, indent=2))
-    print(f"train throughput, epochs 2..{cfg.epochs}: ray {ray_ips:.1f} img/s, plain {plain_ips:.1f} img/s, "
-          f"ratio ray/plain {ray_ips / plain_ips:.3f}")
+    print(f"start-up: ray.init {ray_init_s:.1f} s + Ray Train {arrivals[0] - epochs[0]:.1f} s; epoch 1: ray "
+          f"{epochs[0]:.1f} s vs plain {plain['history'][0]['epoch_seconds']:.1f} s; epochs 2..{cfg.epochs}: ray "
+          f"{ray_ips:.1f} img/s, plain {plain_ips:.1f} img/s, ratio {ray_ips / plain_ips:.3f}")
 
 
 if __name__ == "__main__":

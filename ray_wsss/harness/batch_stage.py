@@ -172,12 +172,34 @@ def map_tasks(cfg: StageConfig, stage: BatchStage, tasks: Sequence[FileTask]) ->
     if not tasks:
         return
     items = [{"task": task} for task in tasks]
+    # The pool starts as large as it can usefully be: from one actor, Ray Data's autoscaler did not grow it on
+    # a 2-CPU machine (a seeds stage's 2-4 files all queued on the first actor, 1 of 2 CPUs busy). Two tasks
+    # in flight per actor, not Ray's default 4, so files spread over the actors; and not 1, which would keep
+    # the pool's utilisation under Ray's scale-up threshold (175 %) and so stop an autoscaling cluster's
+    # new nodes from adding actors.
+    compute = ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors,
+                                         initial_size=initial_actors(len(tasks), cfg.num_actors, stage.remote_args),
+                                         max_tasks_in_flight_per_actor=2)
     results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _TaskRunner, fn_constructor_args=(stage.worker, stage.worker_args, cfg, stage.name, stage.table),
-        batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors), **stage.remote_args)
-    for row in results.iter_rows():
-        yield dict(row)
+        batch_size=1, batch_format="numpy", compute=compute, **stage.remote_args)
+    # Block by block, nothing prefetched: iter_rows() prefetches one block, so each file's result reached the
+    # driver only once the next file was done (the first evaluation counts waited for the second file).
+    for block in results.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        yield from block.to_pylist()
+
+
+def initial_actors(num_tasks: int, most: int | None, remote_args: dict[str, Any],
+                   cluster: dict[str, float] | None = None) -> int:
+    """Actors to start at once: one per task, at most ``most`` and what the cluster's resources hold now
+    (an autoscaling cluster grows the pool later, up to ``most``)."""
+    import ray
+
+    cluster = ray.cluster_resources() if cluster is None else cluster
+    wanted = {"CPU": remote_args.get("num_cpus", 1), "GPU": remote_args.get("num_gpus", 0),
+              **remote_args.get("resources", {})}
+    fit = min((int(cluster.get(name, 0) // amount) for name, amount in wanted.items() if amount), default=num_tasks)
+    return max(1, min(num_tasks, most or num_tasks, fit))
 
 
 def _check_plan(cfg: StageConfig, stage: BatchStage) -> None:
@@ -320,13 +342,17 @@ class _TaskRunner:
         return {k: [r.get(k) for r in results] for k in keys}
 
     def _run(self, task: FileTask) -> dict[str, Any]:
+        started_at, started = time.time(), time.process_time()
+        in_worker = 0.0
         rows_out: list[pa.RecordBatch] = []
         failures: list[tuple[str, str]] = []
         target = schema.SCHEMAS[self.table] if self.table else None
         unclaimed = getattr(self.worker, "unclaimed_are_errors", ())
         for records in iter_task_records(task, self.worker.columns, self.cfg.batch_size, self.cfg.storage,
                                          failures, unclaimed):
+            before = time.process_time()
             rows, failed = _process(self.worker, records)
+            in_worker += time.process_time() - before
             failures += failed
             if target is not None and rows:
                 rows_out.append(pa.RecordBatch.from_pylist(rows, schema=target))
@@ -338,7 +364,10 @@ class _TaskRunner:
             write_table_file(commit.staging_uri(self.cfg.out, self.table), task.name,
                              pa.Table.from_batches(rows_out, schema=target), self.cfg.storage, self.table)
         finish = getattr(self.worker, "task_result", None)
-        return {**result, **(finish() if finish else {})}
+        # When the task started, and the CPU seconds of this actor process on it and inside the stage's worker:
+        # what the harness itself costs per file (reading, pairing, Arrow rows, writing) is the difference.
+        return {**result, **(finish() if finish else {}), "task_started_at": started_at,
+                "task_cpu_seconds": time.process_time() - started, "worker_cpu_seconds": in_worker}
 
 
 def _process(worker: Worker, records: list[dict[str, Any]]) -> tuple[list[dict], list[tuple[str, str]]]:

@@ -4,7 +4,9 @@ A trainer stage supplies a :class:`TrainTask` (built on every worker: model, opt
 losses, validation on a slice of the held-out rows) and the datasets; :func:`fit` runs them in a
 ``TorchTrainer`` and :func:`finish` commits the run. What the loop does, for every trainer alike:
 
-* seeds torch per rank, picks the device Ray grants (AMP on CUDA), sets CPU threads;
+* seeds torch per rank, picks the device Ray grants (float16 AMP on CUDA; bfloat16 autocast on CPU when the
+  trainer's ``cpu_bf16`` says so), sets CPU threads (``threads_per_worker``);
+* records where each epoch went: waiting for input, steps, held-out scoring, the worker's CPU seconds;
 * resumes from Ray Train's latest checkpoint of the run (fixed ``RunConfig(name=...)``, same storage);
 * averages every logged loss over all ranks, so the learning curve is the whole epoch's;
 * validates in EVERY rank on its own slice of the held-out split, read straight from the Parquet files
@@ -12,6 +14,7 @@ losses, validation on a slice of the held-out rows) and the datasets; :func:`fit
   deadlock a rank-0-only validation over a Ray Data shard risked), then gathers the slices; Ray 2.60's
   ``ValidationConfig`` runs asynchronously after the report, which would leave the learning curve and
   ASHA without the epoch's held-out metric;
+* releases Ray Train's controller and data actors when the run ends (:func:`fit_and_release`);
 * saves a checkpoint each epoch from rank 0: ``model.safetensors`` (weights), ``train_state.pt`` (optimiser,
   schedule, scaler: plain tensors and numbers, loaded with ``weights_only=True``) and ``meta.json`` (model
   config, method, classes, epoch, history), plus ``metrics.jsonl`` and ``learning_curve.png``.
@@ -22,8 +25,10 @@ import dataclasses
 import json
 import os
 import posixpath
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -67,6 +72,11 @@ class TrainingConfig:
     num_workers: int = option(1, "Ray Train workers (DDP ranks)", min=1)
     use_gpu: bool = option(False, "one GPU per worker, nccl, AMP")
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker; the rest feed Ray Data", gt=0)
+    threads_per_worker: int | None = option(None, "torch threads per CPU worker, at most the CPUs it may run on "
+                                                  "(default: its reserved CPUs; the pipeline gives its one training "
+                                                  "at a time the cluster's CPUs)", min=1)
+    cpu_bf16: bool | None = option(False, "bfloat16 autocast for CPU training steps (fast on CPUs with native "
+                                          "bf16: AVX512-BF16 or AMX; CUDA always uses float16 AMP)")
     max_failures: int = option(2, "worker failures to recover from (-1: without limit)", min=-1)
     seed: int = option(0, "random seed", min=0)
     break_lock: bool = ownership.break_lock_option()
@@ -106,23 +116,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.set_num_threads(cpu_threads(cfg))
     task: TrainTask = config["task"](cfg, config, device)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # bfloat16 needs no loss scaling
     start_epoch, history = resume(task, scaler, device, config["tag"])
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.epochs):
-        started = time.time()
+        started, started_cpu = time.time(), time.process_time()
         task.train_mode()
-        sums, batches = _train_epoch(task, shard, cfg.batch_size, device, use_amp, scaler)
+        sums, batches, waited = _train_epoch(task, shard, cfg.batch_size, device, amp_dtype, scaler)
         if batches == 0:
             raise WsssError(f"rank {rank} got no training batch of {cfg.batch_size} in epoch {epoch + 1}: "
                             f"too few training rows for {world} workers")
         row = {"epoch": epoch + 1, **{f"loss_{k}": v for k, v in mean_over_ranks(sums, batches, device).items()},
                "lr": task.scheduler.get_last_lr()[0], "train_batches": batches}
+        trained = time.time()
         row.update(validate(task, config.get("val_files") or [], rank, world, cfg.storage))
-        row["epoch_seconds"] = round(time.time() - started, 2)
+        # Where the epoch went (rank 0's view): waiting for input batches, training steps, held-out scoring; and
+        # this worker's CPU seconds, which a machine shared with other work stretches far less than wall seconds.
+        row.update(data_wait_seconds=round(waited, 2), step_seconds=round(trained - started - waited, 2),
+                   val_seconds=round(time.time() - trained, 2), epoch_seconds=round(time.time() - started, 2),
+                   epoch_cpu_seconds=round(time.process_time() - started_cpu, 2))
         history.append(row)
         if rank == 0:
             worker_print(format_row(config["tag"], row))
@@ -130,12 +145,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      if rank == 0 else None)
 
 
-def _train_epoch(task: TrainTask, shard, batch_size: int, device: torch.device, use_amp: bool,
-                 scaler: torch.amp.GradScaler) -> tuple[dict[str, float], int]:
+def cpu_threads(cfg: TrainingConfig) -> int:
+    """Torch threads of a CPU worker: ``threads_per_worker``, else its reserved CPUs; never more than the CPUs
+    this process may run on (a cluster's CPUs can span nodes)."""
+    wanted = cfg.threads_per_worker or int(cfg.cpus_per_worker)
+    return max(1, min(wanted, len(os.sched_getaffinity(0))))
+
+
+def autocast_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
+    """float16 AMP on CUDA; bfloat16 on CPU when ``cpu_bf16`` (None: when this CPU computes bf16 natively);
+    else None (float32)."""
+    if device.type == "cuda":
+        return torch.float16
+    wanted = native_cpu_bf16() if cfg.cpu_bf16 is None else cfg.cpu_bf16
+    return torch.bfloat16 if wanted else None
+
+
+def native_cpu_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere bf16 convs are emulated, slow."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _train_epoch(task: TrainTask, shard, batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
+                 scaler: torch.amp.GradScaler) -> tuple[dict[str, float], int, float]:
+    """One pass over the shard -> (summed losses, batches, seconds spent waiting for the next batch)."""
     sums: dict[str, float] = {}
     batches = 0
-    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, **task.batch_kwargs):
-        with torch.autocast(device_type=device.type, enabled=use_amp):
+    waited = 0.0
+    batches_in = iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, **task.batch_kwargs))
+    while True:
+        asked = time.time()
+        batch = next(batches_in, None)
+        waited += time.time() - asked
+        if batch is None:
+            break
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = task.losses(batch)
         task.optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["total"]).backward()
@@ -145,7 +189,7 @@ def _train_epoch(task: TrainTask, shard, batch_size: int, device: torch.device, 
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         batches += 1
-    return sums, batches
+    return sums, batches, waited
 
 
 def mean_over_ranks(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
@@ -338,10 +382,24 @@ def fit(cfg: TrainingConfig, task: type, loop_config: dict[str, Any], train_ds, 
         datasets={"train": train_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    result = fit_and_release(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.name!r} finished without a checkpoint")
     return result.checkpoint.path, dict(result.metrics or {})
+
+
+def fit_and_release(trainer: TorchTrainer) -> ray.train.Result:
+    """``trainer.fit()``, then the SIGINT handler it installs goes: that handler holds the TrainController's
+    actor handle, so without this the controller and the data actors it owns (about 1 GB of RSS each, torch
+    imported) stay alive until the next fit or the driver's end, e.g. through a pipeline's later stages
+    (Ray 2.60's ``DataParallelTrainer._register_sigint_handler``)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    try:
+        return trainer.fit()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def _run_checkpoint(cfg: TrainingConfig, fs: pafs.FileSystem, run_path: str) -> str | None:

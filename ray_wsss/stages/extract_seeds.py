@@ -25,7 +25,7 @@ from ray_wsss.core.models.vit import PARTIAL_PATCHES, POS_EMBED_RESAMPLERS
 from ray_wsss.core.seeds.acr_maps import LAYER_REDUCTIONS
 from ray_wsss.core.seeds.stored import SeedFormat
 from ray_wsss.core.seeds.tta import RESIZES, RESOLUTIONS, TTAConfig, map_size
-from ray_wsss.harness import batch_stage, training
+from ray_wsss.harness import batch_stage
 from ray_wsss.harness.cluster import model_actor_args
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,10 @@ def run(cfg: ExtractSeedsConfig) -> dict[str, Any]:
 
 
 def _stage(cfg: ExtractSeedsConfig) -> batch_stage.BatchStage:
+    # Imported here, in the driver: the actors unpickle this module, and Ray Train and matplotlib
+    # (which the training harness pulls in) added about 2 s of CPU to every actor's start.
+    from ray_wsss.harness import training
+
     checkpoint_uri = training.find_checkpoint(cfg.checkpoint, cfg.storage)
     meta = storage.read_json(storage.join(checkpoint_uri, checkpoints.META_FILE), cfg.storage)
     data_meta = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)

@@ -36,7 +36,7 @@ from ray_wsss.core.refine.crf import CRFConfig, LabellingConfig, make_mask, mask
 from ray_wsss.core.refine.psa import PSAConfig, walk_scores
 from ray_wsss.core.seeds.stored import SeedFormat, decode_seeded_sample
 from ray_wsss.core.storage import StorageOptions
-from ray_wsss.harness import batch_stage, training
+from ray_wsss.harness import batch_stage
 from ray_wsss.harness.cluster import cpu_pool_actor_args, model_actor_args
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,9 @@ def _stage(cfg: MakeMasksConfig) -> batch_stage.BatchStage:
     seeds_meta = storage.read_json(storage.join(cfg.seeds, "dataset.json"), cfg.storage)
     seed_format = SeedFormat.from_metadata(seeds_meta)
     threshold, threshold_source = resolve_threshold(cfg)
+    # Imported here, in the driver: the actors unpickle this module (see extract_seeds._stage).
+    from ray_wsss.harness import training
+
     affinity = training.find_checkpoint(cfg.affinity, cfg.storage) if cfg.walks() else None
     crf_on = cfg.labelling(threshold).crf
     seeds_splits = sorted(set(commit.file_splits(cfg.seeds, "seeds", cfg.storage).values()))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -174,7 +175,7 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
         ("train", cfg.uri("train"), lambda: _skip_or(cfg.uri("train"), opts, lambda: train_acr.run(_stage_config(
             train_acr.TrainClassifierConfig,
             {"data": data, "out": cfg.uri("train"), "method": cfg.method, "num_workers": cfg.num_workers,
-             "train_split": cfg.train_split(), **validation, **gpu}, cfg.train, opts)))),
+             "train_split": cfg.train_split(), **validation, **gpu, **training_threads(cfg)}, cfg.train, opts)))),
         ("seeds", cfg.uri("seeds"), lambda: extract_seeds.run(_stage_config(
             extract_seeds.ExtractSeedsConfig, {"checkpoint": cfg.uri("train"), "data": data, "out": cfg.uri("seeds"),
                                          "refine": refine_by_default(cfg), **gpu},
@@ -189,7 +190,7 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
         ("deeplab", cfg.uri("deeplab"), lambda: _skip_or(cfg.uri("deeplab"), opts, lambda: train_deeplab.run(_stage_config(
             train_deeplab.TrainDeepLabConfig,
             {"masks": cfg.uri("masks"), "data": data, "out": cfg.uri("deeplab"), "num_workers": cfg.num_workers,
-             "train_split": cfg.train_split(), **validation, **gpu}, cfg.deeplab, opts)))),
+             "train_split": cfg.train_split(), **validation, **gpu, **training_threads(cfg)}, cfg.deeplab, opts)))),
         ("segment", cfg.uri("segment"), lambda: segment.run(_stage_config(
             segment.SegmentConfig, {"checkpoint": cfg.uri("deeplab"), "data": held_out, "out": cfg.uri("segment"),
                                     "split": cfg.eval_split(), **gpu}, cfg.segment, opts))),
@@ -224,9 +225,34 @@ def _psa_runners(cfg: PipelineConfig, data: str) -> list[tuple[str, str, Callabl
             _stage_config(train_affinity.TrainAffinityConfig,
                           {"labels": cfg.uri("affinity_labels"), "data": data, "out": cfg.uri("affinity"),
                            "num_workers": cfg.num_workers, "train_split": cfg.train_split(),
-                           "val_data": cfg.val_data, "val_split": cfg.eval_split(), **gpu}, cfg.affinity, opts)))),
+                           "val_data": cfg.val_data, "val_split": cfg.eval_split(), **gpu, **training_threads(cfg)},
+                          cfg.affinity, opts)))),
     ]
     return [runner for runner in runners if runner[0] in cfg.stage_names()]
+
+
+def training_threads(cfg: PipelineConfig) -> dict[str, int]:
+    """CPU trainings get the cluster's CPUs as torch threads, unless this machine is busy with other work
+    (a YAML ``threads_per_worker`` wins either way).
+
+    The pipeline runs one stage at a time, so while it trains nothing else of its own runs but the training's
+    Ray Data ingest, a few percent of a step's CPU: one thread per reserved CPU (a training job's default)
+    leaves half of a 2-core machine idle through both trainings. But OpenMP threads that share their cores
+    with other work wait on each other at every operation: on the 2-core machine at a load average of 20-40,
+    two threads made a DeepLab step 3-4x and an ACR ViT step 3-9x SLOWER than one. So when the 1-minute load
+    average already reaches the CPU count, the trainings keep one thread per reserved CPU. Called when the
+    stage starts (Ray is up by then).
+    """
+    if cfg.use_gpu:
+        return {}
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    load = os.getloadavg()[0]
+    if load >= cpus:
+        log.info("load average %.1f on %d CPUs: training keeps one thread per reserved CPU", load, cpus)
+        return {}
+    return {"threads_per_worker": max(1, cpus // cfg.num_workers)}
 
 
 def refine_by_default(cfg: PipelineConfig) -> bool:

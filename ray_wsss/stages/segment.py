@@ -21,7 +21,7 @@ from ray_wsss.core.config import option
 from ray_wsss.core.errors import RecordError, WsssError
 from ray_wsss.core.inference import normalize_image, predict_probs
 from ray_wsss.core.refine.crf import CRFConfig, deeplab_crf, dense_crf
-from ray_wsss.harness import batch_stage, training
+from ray_wsss.harness import batch_stage
 from ray_wsss.harness.cluster import model_actor_args
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,10 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
 def _stage(cfg: SegmentConfig) -> batch_stage.BatchStage:
     if not cfg.scales or any(s <= 0 for s in cfg.scales):
         raise ValueError(f"--scales must be positive numbers, got {cfg.scales}")
+    # Imported here, in the driver: the actors unpickle this module, and Ray Train and matplotlib
+    # (which the training harness pulls in) added about 2 s of CPU to every actor's start.
+    from ray_wsss.harness import training
+
     checkpoint_uri = training.find_checkpoint(cfg.checkpoint, cfg.storage)
     meta = storage.read_json(storage.join(checkpoint_uri, checkpoints.META_FILE), cfg.storage)
     data_meta = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)

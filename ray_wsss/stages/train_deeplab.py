@@ -63,6 +63,9 @@ class TrainDeepLabConfig(training.TrainingConfig):
     poly_power: float = option(0.9, "poly decay power", min=0)
     warmup_epochs: float = option(1.0, "linear warm-up before the poly decay (DeepLab-V2 has none; from scratch it "
                                    "stops the early loss spikes)", min=0)
+    cpu_bf16: bool | None = option(None, "bfloat16 autocast for CPU training steps (default: on where the CPU "
+                                         "computes bf16 natively, AVX512-BF16 or AMX: the convolutions run ~1.65x "
+                                         "faster there; CUDA always uses float16 AMP)")
 
     def deeplab_config(self) -> DeepLabConfig:
         return DeepLabConfig(backbone=self.backbone, backbone_weights=self.backbone_weights)
@@ -134,12 +137,13 @@ class SegmenterTask:
     def validate(self, rows) -> np.ndarray:
         """Confusion counts of this rank's held-out rows (single scale)."""
         matrix = ConfusionMatrix(len(self.class_names))
-        device_type = next(self.model.parameters()).device.type
+        device = next(self.model.parameters()).device
+        amp_dtype = training.autocast_dtype(self.cfg, device)  # the training steps' precision
         for row in rows:
             if row["gt_mask"] is None:
                 continue
             rgb = codec.decode_image(row["image"])
-            with torch.autocast(device_type=device_type, enabled=device_type == "cuda"):
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 probs = predict_probs(self.model, normalize_image(rgb))
             matrix.add(probs.argmax(0).cpu().numpy().astype(np.uint8), codec.decode_mask(row["gt_mask"]))
         return matrix.counts
