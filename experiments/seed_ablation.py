@@ -21,14 +21,12 @@ import time
 import numpy as np
 import ray
 
-from ray_wsss.core import codec, commit, metrics, storage
+from ray_wsss.core import checkpoints, codec, commit, metrics, storage
 from ray_wsss.core.methods import get_method
 from ray_wsss.harness.cluster import LOCAL_RUNTIME_ENV
-from ray_wsss.stages import evaluate, prepare_data
+from ray_wsss.stages import evaluate, extract_seeds, prepare_data, train_acr
 
 FROM_SCRATCH_WEIGHT = get_method("acr").default_consistency(pretrained=False)
-from ray_wsss.core import checkpoints
-from ray_wsss.stages import extract_seeds, train_acr
 
 # label -> (method, alpha, beta); None = the method's default weights
 VARIANTS = {
@@ -59,14 +57,15 @@ def train(data: str, out: str, label: str, epochs: int | None) -> dict:
 
 def consistency_curve(train_out: str) -> dict:
     """Lact and Laff of the first and the last epoch (empty for single-view methods)."""
-    rows = [json.loads(line) for line in storage.read_bytes(os.path.join(train_out, "metrics.jsonl")).decode().splitlines()
-            if line.strip()]
+    lines = storage.read_bytes(os.path.join(train_out, "metrics.jsonl")).decode().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
     return {f"{term}_epoch{row['epoch']}": row[f"loss_{term}"] for row in (rows[0], rows[-1])
             for term in ("act", "aff") if f"loss_{term}" in row}
 
 
 def seed_miou(data: str, checkpoint: str, seeds_out: str, refine: bool, split: str) -> dict:
-    extract_seeds.run(extract_seeds.ExtractSeedsConfig(checkpoint=checkpoint, data=data, out=seeds_out, refine=refine, split=split))
+    extract_seeds.run(extract_seeds.ExtractSeedsConfig(checkpoint=checkpoint, data=data, out=seeds_out, refine=refine,
+                                                       split=split))
     summary = os.path.join(seeds_out, "eval", "summary.json")
     if os.path.exists(summary):
         return storage.read_json(summary)

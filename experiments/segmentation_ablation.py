@@ -53,7 +53,8 @@ def main() -> None:
     record("seeds (best threshold)", scored(os.path.join(run, "seeds"), data, "seeds", args.train_split))
     record("pseudo masks, CRF", scored(os.path.join(run, "masks"), data, "masks", args.train_split))
     no_crf = os.path.join(out, "masks-nocrf")
-    make_masks.run(make_masks.MakeMasksConfig(seeds=os.path.join(run, "seeds"), data=data, out=no_crf, split=args.train_split,
+    make_masks.run(make_masks.MakeMasksConfig(seeds=os.path.join(run, "seeds"), data=data, out=no_crf,
+                                              split=args.train_split,
                                     crf=False))
     record("pseudo masks, no CRF", scored(no_crf, data, "masks", args.train_split))
 
@@ -76,7 +77,8 @@ def main() -> None:
     gt_seg = os.path.join(out, "segment-gt-single-scale")
     segment.run(segment.SegmentConfig(checkpoint=gt_run, data=data, out=gt_seg, split=args.eval_split,
                                       scales=(1.0,), flip=False))
-    record("DeepLab on ground-truth masks, single-scale (upper reference)", scored(gt_seg, data, "masks", args.eval_split))
+    record("DeepLab on ground-truth masks, single-scale (upper reference)",
+           scored(gt_seg, data, "masks", args.eval_split))
     ray.shutdown()
 
     storage.write_json(os.path.join(out, "segmentation.json"), {"run": run, "rows": rows,

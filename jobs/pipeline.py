@@ -1,7 +1,8 @@
 """Run the whole pipeline: prepare, train, seeds, masks, DeepLab, segment, evaluate.
 
     python jobs/pipeline.py                                   # synthetic data, local Ray, ./runs/default
-    python jobs/pipeline.py --data s3://b/VOCdevkit/VOC2012 --format voc --split train_aug,val --out s3://b/voc-acr --use-gpu
+    python jobs/pipeline.py --data s3://b/VOCdevkit/VOC2012 --format voc --split train_aug,val \
+        --out s3://b/voc-acr --use-gpu
     python jobs/pipeline.py --method mct-v2 --config sweeps/best.yaml --out runs/mct
     python jobs/pipeline.py --config psa.yaml --until eval_masks   # psa.yaml: "masks: {method: psa}"
 

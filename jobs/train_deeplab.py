@@ -3,7 +3,8 @@
     python jobs/train_deeplab.py --masks runs/default/masks --data runs/default/data --out runs/default/deeplab
     python jobs/train_deeplab.py --gt-masks --data runs/default/data --out runs/default/deeplab-gt --name gt
     python jobs/train_deeplab.py --masks s3://b/masks --data s3://b/voc --out s3://b/deeplab --backbone resnet101 \\
-        --backbone-weights s3://b/weights/resnet101.pth --crop 321 --lr 2.5e-4 --warmup-epochs 0 --num-workers 4 --use-gpu
+        --backbone-weights s3://b/weights/resnet101.pth --crop 321 --lr 2.5e-4 --warmup-epochs 0 \
+        --num-workers 4 --use-gpu
 
 Each epoch prints the loss and the single-scale mIoU on the ground truth of --val-split. Rerunning
 with the same --out and --name resumes from the newest checkpoint.

@@ -1,7 +1,8 @@
 """Sweep ACR's alpha, beta, learning rate and seed layers with Ray Tune; the objective is seed mIoU.
 
     python jobs/tune_acr.py --data runs/default/data --out runs/tune --num-samples 8 --epochs 6
-    python jobs/tune_acr.py --config sweep.yaml --alpha 10 300 --alpha-sampling loguniform --lr 1e-4 5e-4 1e-3 --lr-sampling grid
+    python jobs/tune_acr.py --config sweep.yaml --alpha 10 300 --alpha-sampling loguniform \
+        --lr 1e-4 5e-4 1e-3 --lr-sampling grid
     python jobs/train_acr.py --config runs/tune/best_config.yaml --epochs 20 --out runs/acr-best
 
 Each trial trains on Ray Train (ASHA stops weak trials on held-out mAP after each epoch), then

@@ -39,8 +39,10 @@ def ingress_problems(permissions: list[dict[str, Any]]) -> list[str]:
     if not permissions:
         problems.append("provider.security_group.IpPermissions is empty: give SSH (port 22) from your CIDR")
     for rule in permissions:
-        ports = f"port {rule.get('FromPort')}" + (f"-{rule['ToPort']}" if rule.get("ToPort") != rule.get("FromPort") else "")
-        cidrs = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        span = f"-{rule['ToPort']}" if rule.get("ToPort") != rule.get("FromPort") else ""
+        ports = f"port {rule.get('FromPort')}{span}"
+        cidrs = ([r.get("CidrIp") for r in rule.get("IpRanges", [])]
+                 + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])])
         for cidr in cidrs:
             try:
                 network = ipaddress.ip_network(str(cidr), strict=False)

@@ -57,7 +57,8 @@ def test_identity_view_same_input_gives_zero_consistency():
 
 
 @pytest.mark.parametrize("prefix", [1, 2])
-@pytest.mark.parametrize("view", [View(hflip=True), View(vflip=True), View(rot90=1), View(hflip=True, rot90=3)], ids=str)
+@pytest.mark.parametrize("view", [View(hflip=True), View(vflip=True), View(rot90=1), View(hflip=True, rot90=3)],
+                         ids=str)
 def test_equivariant_attention_gives_zero_consistency(view, prefix):
     images = _images()
     out1 = _equivariant_output(images, prefix)

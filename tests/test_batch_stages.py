@@ -45,7 +45,8 @@ def test_seeds_shapes_classes_values_and_evaluation(run_dir):
     for row in commit.read_table(u["seeds"], "seeds").to_pylist():
         sample = samples[row["image_id"]]
         stored = codec.decode_scores(row["scores"])                     # the patch grid of the scale-1 view
-        assert stored.shape == (len(row["classes"]), (sample["height"] + 4) // 8, (sample["width"] + 4) // 8)  # halves up
+        # halves round up
+        assert stored.shape == (len(row["classes"]), (sample["height"] + 4) // 8, (sample["width"] + 4) // 8)
         scores = seed_format.read(row)                                  # what every reader sees
         assert row["classes"] == sample["labels"]                       # only the labelled classes
         assert scores.shape == (len(row["classes"]), sample["height"], sample["width"])

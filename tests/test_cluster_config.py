@@ -182,7 +182,8 @@ def test_ssh_only_from_a_cidr_the_user_sets(raw_config):
     # The shipped CIDR is a placeholder that reaches nobody, and the script refuses it until it is set.
     problems = SG_SCRIPT.ingress_problems(group["IpPermissions"])
     assert len(problems) == 1 and "placeholder" in problems[0]
-    assert SG_SCRIPT.ingress_problems(_with_cidr(raw_config, MY_CIDR)["provider"]["security_group"]["IpPermissions"]) == []
+    group = _with_cidr(raw_config, MY_CIDR)["provider"]["security_group"]
+    assert SG_SCRIPT.ingress_problems(group["IpPermissions"]) == []
     for everyone in ("0.0.0.0/0", "::/0"):
         assert "whole internet" in SG_SCRIPT.ingress_problems([{**rule, "IpRanges": [{"CidrIp": everyone}]}])[0]
 
@@ -243,7 +244,8 @@ def test_ray_bootstrap_alone_would_open_ssh_to_everyone(raw_config, aws):
         node_type["node_config"].pop("SecurityGroupIds")
     bootstrapped = _configure_security_group(_configure_subnet(prepare_config(config)))
     group_id = _node_types(bootstrapped)["head"]["node_config"]["SecurityGroupIds"][0]
-    assert (22, "0.0.0.0/0") in {(r.get("FromPort"), ip["CidrIp"]) for r in _ingress(aws, group_id) for ip in r["IpRanges"]}
+    opened = {(r.get("FromPort"), ip["CidrIp"]) for r in _ingress(aws, group_id) for ip in r["IpRanges"]}
+    assert (22, "0.0.0.0/0") in opened
 
 
 def test_the_script_refuses_an_open_config_or_group(raw_config, aws):
@@ -344,8 +346,10 @@ def test_pool_resources_empty_without_the_pool():
 
 
 def test_pool_resources_when_advertised_or_scaled_to_zero():
-    assert cluster.pool_resources("cpu", 2, {"CPU": 16, cluster.CPU_POOL_RESOURCE: 16}) == {cluster.CPU_POOL_RESOURCE: 2.0}
-    assert cluster.pool_resources(cluster.GPU_POOL_RESOURCE, 1, {cluster.GPU_POOL_RESOURCE: 4}) == {cluster.GPU_POOL_RESOURCE: 1.0}
+    cpu_pool = cluster.CPU_POOL_RESOURCE
+    assert cluster.pool_resources("cpu", 2, {"CPU": 16, cpu_pool: 16}) == {cpu_pool: 2.0}
+    gpu_pool = cluster.GPU_POOL_RESOURCE
+    assert cluster.pool_resources(gpu_pool, 1, {gpu_pool: 4}) == {gpu_pool: 1.0}
     # Only the head is up: the marker says the pools exist, so asking for one scales it up.
     head_only = {"CPU": 0.0, cluster.POOLS_MARKER_RESOURCE: 1.0}
     assert cluster.pool_resources("gpu", 0.5, head_only) == {cluster.GPU_POOL_RESOURCE: 0.5}

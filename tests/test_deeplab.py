@@ -143,7 +143,7 @@ def test_loads_torchvision_resnet_weights(tmp_path) -> None:
 
 def test_missing_weights_file_names_the_path(tmp_path) -> None:
     path = tmp_path / "nowhere" / "resnet18.pth"
-    with pytest.raises(WsssError, match="nowhere/resnet18.pth"):
+    with pytest.raises(WsssError, match=r"nowhere/resnet18.pth"):
         build_deeplab(DeepLabConfig("resnet18", backbone_weights=str(path)), NUM_CLASSES)
 
 

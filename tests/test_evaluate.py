@@ -155,7 +155,7 @@ def random_seed_images(rng: np.random.Generator, num_classes: int, count: int) -
         # a quarter of the scores sit exactly on a threshold (as float32), and some pixels tie between classes
         scores = rng.random((len(classes), h, w)).astype(np.float32)
         on_grid = rng.random(scores.shape) < 0.25
-        scores[on_grid] = np.float32(rng.choice(DEFAULT_THRESHOLDS + (0.5, 1.0), size=on_grid.sum()))
+        scores[on_grid] = np.float32(rng.choice((*DEFAULT_THRESHOLDS, 0.5, 1.0), size=on_grid.sum()))
         if len(classes) > 1:
             scores[1, :, ::3] = scores[0, :, ::3]
         gt = rng.choice(np.r_[np.arange(num_classes), 255], size=(h, w)).astype(np.uint8)
@@ -204,7 +204,8 @@ def test_threshold_sweep_best_picks_argmax_and_merges():
     mious = [miou for _, miou in best["curve"]]
     index = int(np.argmax(mious))
     assert best["miou"] == max(mious) and best["threshold"] == DEFAULT_THRESHOLDS[index]
-    assert best == {**whole.confusion_at(index).scores(), "threshold": DEFAULT_THRESHOLDS[index], "curve": best["curve"]}
+    expected = {**whole.confusion_at(index).scores(), "threshold": DEFAULT_THRESHOLDS[index]}
+    assert best == {**expected, "curve": best["curve"]}
 
 
 def test_threshold_sweep_best_on_a_known_optimum():
@@ -238,7 +239,8 @@ def test_threshold_sweep_rejects_bad_input():
 def test_threshold_grid_is_exactly_the_authors():
     assert parse_threshold_grid("0.00:0.59:0.01") == tuple(i / 100.0 for i in range(60))  # MCTformer's i / 100.0
     assert parse_threshold_grid("0:0.99:0.01") == tuple(i / 100.0 for i in range(100))
-    assert parse_threshold_grid(DEFAULT_THRESHOLD_GRID) == DEFAULT_THRESHOLDS == tuple(round(0.05 * i, 2) for i in range(20))
+    every_5_percent = tuple(round(0.05 * i, 2) for i in range(20))
+    assert parse_threshold_grid(DEFAULT_THRESHOLD_GRID) == DEFAULT_THRESHOLDS == every_5_percent
     assert parse_threshold_grid("0.3:0.3:0.1") == (0.3,)
     for bad in ("0:1", "a:b:c", "0:1:0", "1:0:0.1"):
         with pytest.raises(ValueError, match="threshold grid"):

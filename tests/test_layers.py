@@ -42,7 +42,8 @@ def test_every_module_lives_in_a_layer():
     assert not stray, f"modules outside core/harness/stages: {stray}"
 
 
-@pytest.mark.parametrize("path", [p for p in _modules() if _layer(p) == "core"], ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", [p for p in _modules() if _layer(p) == "core"],
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_core_is_ray_free(path):
     offending = [(line, name) for line, name in _imports(path) if name == "ray" or name.startswith("ray.")]
     assert not offending, f"{path.relative_to(REPO)} imports Ray: {offending}"

@@ -65,7 +65,7 @@ def test_bucket_root_is_never_an_out(s3_bucket):
             check_out_uri(out, [])
         with pytest.raises(WsssError, match="bucket root"):
             storage.delete(out)
-    with pytest.raises(OwnershipError, match="holds no stage output.*other-team"):
+    with pytest.raises(OwnershipError, match=r"holds no stage output.*other-team"):
         commit.reset_stage(s3_bucket)
     assert _snapshot(s3_bucket) == before
 
@@ -108,7 +108,7 @@ def test_an_evaluation_without_journal_blocks_the_reset(tmp_path):
     out = str(tmp_path / "seeds")
     _committed_stage(out, "seeds")
     storage.write_json(storage.join(out, "eval", "summary.json"), {"miou": 0.3})
-    with pytest.raises(OwnershipError, match="eval/summary.json"):
+    with pytest.raises(OwnershipError, match=r"eval/summary.json"):
         commit.reset_stage(out, stage="seeds")
 
 
@@ -149,7 +149,7 @@ def test_a_stage_never_replaces_a_file_it_did_not_write(tmp_path):
     commit.claim(out, "seeds")
     storage.write_bytes(storage.join(out, "summary.json"), b"the user's summary")
     commit.write_staged_table(out, "errors", _errors_table(["a"]))
-    with pytest.raises(OwnershipError, match="summary.json exist.*did not write them"):
+    with pytest.raises(OwnershipError, match=r"summary.json exist.*did not write them"):
         commit.commit_stage(out, ["errors"], {}, make_summary=lambda m: {}, stage="seeds")
     assert storage.read_bytes(storage.join(out, "summary.json")) == b"the user's summary"
     assert not commit.is_committed(out)
@@ -231,7 +231,7 @@ def _contend(out, rounds):
         target = storage.join(out, f"r{i}")
         barrier, outcomes = threading.Barrier(2), []
 
-        def attempt():
+        def attempt(barrier=barrier, outcomes=outcomes, target=target):
             barrier.wait()
             try:
                 outcomes.append(OutputLock(target, "masks").acquire())
@@ -295,7 +295,7 @@ def test_stale_lock_is_broken_only_with_the_flag(root):
 def test_lock_of_another_host_names_it_and_can_be_broken(tmp_path):
     out = str(tmp_path / "masks")
     _plant_lock(out, host="node-7", pid=1)
-    with pytest.raises(OutputLockedError, match="host node-7, pid 1.*no longer running.*--break-lock"):
+    with pytest.raises(OutputLockedError, match=r"host node-7, pid 1.*no longer running.*--break-lock"):
         OutputLock(out, "masks").acquire()
     OutputLock(out, "masks", break_lock=True).acquire().release()
 
@@ -303,7 +303,7 @@ def test_lock_of_another_host_names_it_and_can_be_broken(tmp_path):
 def test_break_lock_never_breaks_a_live_run_on_this_host(tmp_path):
     out = str(tmp_path / "masks")
     with OutputLock(out, "masks") as first:
-        with pytest.raises(OutputLockedError, match="still running on this host.*does not break"):
+        with pytest.raises(OutputLockedError, match=r"still running on this host.*does not break"):
             OutputLock(out, "masks", break_lock=True).acquire()
         assert json.loads(storage.read_bytes(first.uri))["run_id"] == first.holder.run_id
 

@@ -75,7 +75,7 @@ def test_voc_from_and_to_s3(tmp_path, s3_bucket):
 
 def test_source_level_errors_name_the_problem(tmp_path, s3_endpoint):
     tree = make_voc_tree(tmp_path / "VOC2012", split="train")
-    with pytest.raises(WsssError, match="val.txt"):
+    with pytest.raises(WsssError, match=r"val.txt"):
         run(PrepareConfig(out=str(tmp_path / "a"), format="voc", src=tree["root"], split="val"))
     (tmp_path / "VOC2012" / "ImageSets" / "Segmentation" / "empty.txt").write_text("\n")
     with pytest.raises(WsssError, match="empty"):

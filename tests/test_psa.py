@@ -192,7 +192,7 @@ def test_sparse_walk_equals_psas_dense_matrix_power(height, width, radius, logt)
 
 def test_transition_matrix_is_sparse_and_row_stochastic():
     height, width, radius = 63, 47, 5  # a 500 x 375 image at stride 8
-    first, second = affinity_pairs.pair_indices(height, width, radius)
+    _, second = affinity_pairs.pair_indices(height, width, radius)
     affinity = torch.rand(second.shape)
     step = psa.transition_matrix(affinity, height, width, radius, beta=8)
     assert step.layout == torch.sparse_csr and step._nnz() == height * width + 2 * second.size
@@ -299,9 +299,9 @@ def test_backbone_weights_that_do_not_fit_name_the_file(tmp_path):
         with pytest.raises(ValueError, match=name):
             AffinityNet("resnet18", str(tmp_path / name))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth"):
+    with pytest.raises(ValueError, match=r"junk.pth"):
         AffinityNet("resnet18", str(tmp_path / "junk.pth"))
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
+    with pytest.raises(FileNotFoundError, match=r"absent.pth"):
         AffinityNet("resnet18", str(tmp_path / "absent.pth"))
     with pytest.raises(ValueError, match="not a timm model"):
         AffinityNet("resnet_nonexistent")

@@ -239,13 +239,17 @@ def test_tta_upsampling_flip_and_normalisation_options(model, align_corners, eps
     got = seed_scores_batch(_pooled_maps, model, [rgb], [classes], tta)[0]
 
     x = normalize(rgb)[None]
-    up = lambda maps: torch.nn.functional.interpolate(maps, size=(32, 48), mode="bilinear", align_corners=align_corners)
-    total = up(_pooled_maps(model, x, [classes])[0][None]) + up(_pooled_maps(model, x.flip(-1), [classes])[0][None]).flip(-1)
+    def up(maps):
+        return torch.nn.functional.interpolate(maps, size=(32, 48), mode="bilinear", align_corners=align_corners)
+
+    flipped = up(_pooled_maps(model, x.flip(-1), [classes])[0][None]).flip(-1)
+    total = up(_pooled_maps(model, x, [classes])[0][None]) + flipped
     flat = total[0].flatten(1)
     low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
     expected = ((flat - low) / (high - low + eps)).reshape(2, 32, 48)
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
-    other = seed_scores_batch(_pooled_maps, model, [rgb], [classes], TTAConfig(flip=True, align_corners=not align_corners))
+    other = seed_scores_batch(_pooled_maps, model, [rgb], [classes],
+                              TTAConfig(flip=True, align_corners=not align_corners))
     assert not np.allclose(got, other[0], atol=1e-4)  # the option changes the result
 
 
@@ -255,7 +259,8 @@ def test_view_sizes_of_the_three_resize_modes():
     patch = (16, 16)
     assert view_size(117, 165, 0.5, patch, TTAConfig()) == (64, 80)                       # aspect, patch multiples
     assert view_size(117, 165, 1.0, patch, TTAConfig(resize="square", base_size=224)) == (224, 224)
-    assert view_size(117, 165, 0.75, patch, TTAConfig(resize="square", base_size=224)) == (176, 176)  # 168 -> 10.5 -> 11 patches
+    # 168 -> 10.5 -> 11 patches
+    assert view_size(117, 165, 0.75, patch, TTAConfig(resize="square", base_size=224)) == (176, 176)
     # pillow: Python's round, halves to even, no patch rounding (58.5 -> 58, 82.5 -> 82, 247.5 -> 248)
     assert view_size(117, 165, 0.5, patch, TTAConfig(resize="pillow")) == (58, 82)
     assert view_size(117, 165, 1.5, patch, TTAConfig(resize="pillow")) == (176, 248)

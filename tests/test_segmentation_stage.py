@@ -167,7 +167,8 @@ def test_training_records_count_the_join_or_use_the_ground_truth(train_data, mas
     from_gt = train_deeplab.TrainDeepLabConfig(gt_masks=True, data=train_data, out=str(tmp_path))
     assert train_deeplab.count_training_rows(from_masks) == NUM_TRAIN
     assert train_deeplab.count_training_rows(from_gt) == NUM_TRAIN
-    other_split = train_deeplab.TrainDeepLabConfig(masks=masks_table, data=train_data, out=str(tmp_path), train_split="val")
+    other_split = train_deeplab.TrainDeepLabConfig(masks=masks_table, data=train_data, out=str(tmp_path),
+                                                   train_split="val")
     assert train_deeplab.count_training_rows(other_split) == 0  # the masks cover train only
 
     # The file-by-file pairing runs in the DDP test below; the ground-truth path is a plain column rename.
@@ -177,7 +178,7 @@ def test_training_records_count_the_join_or_use_the_ground_truth(train_data, mas
     for row in rows:
         assert row["image"] == samples[row["image_id"]]["image"] and row["mask"] == samples[row["image_id"]]["gt_mask"]
 
-    with pytest.raises(ValueError, match="--masks URI .* is required unless --gt-masks"):
+    with pytest.raises(ValueError, match=r"--masks URI .* is required unless --gt-masks"):
         train_deeplab.run(train_deeplab.TrainDeepLabConfig(data=train_data, out=str(tmp_path / "none")))
     with pytest.raises(ValueError, match="0 images of split 'val' have a mask in"):
         train_deeplab.run(other_split)

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ray_wsss.core.data import shapes
-from ray_wsss.core.data import synthetic
+from ray_wsss.core.data import shapes, synthetic
 
 CFG = shapes.ShapesConfig(seed=3, num_train=80, num_val=5)
 
@@ -26,7 +25,7 @@ def test_deterministic_and_its_own_stream():
     assert wsss.shape != image.shape or not np.array_equal(wsss, image)
     with pytest.raises(ValueError, match="out of range"):
         shapes.render_scene(CFG, "val", 5)
-    with pytest.raises(ValueError, match="ShapesConfig.max_objects"):
+    with pytest.raises(ValueError, match=r"ShapesConfig.max_objects"):
         shapes.ShapesConfig(max_objects=0)
 
 

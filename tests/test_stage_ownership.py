@@ -35,7 +35,7 @@ def test_foreign_out_is_refused_and_untouched(tmp_path, overwrite):
     (out / "notes.txt").write_text("my notes")
     (out / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
     before = _snapshot(str(out))
-    with pytest.raises(OwnershipError, match="holds no stage output.*notes.txt.*photos"):
+    with pytest.raises(OwnershipError, match=r"holds no stage output.*notes.txt.*photos"):
         prepare(PrepareConfig(out=str(out), overwrite=overwrite, **TINY))
     assert _snapshot(str(out)) == before
 
@@ -95,7 +95,7 @@ def test_overwrite_redoes_only_the_stages_files(tmp_path):
     prepare(PrepareConfig(out=out, **TINY))
     notes = tmp_path / "data" / "notes.txt"
     notes.write_text("the user's")
-    with pytest.raises(OwnershipError, match="--overwrite refused.*notes.txt"):
+    with pytest.raises(OwnershipError, match=r"--overwrite refused.*notes.txt"):
         prepare(PrepareConfig(out=out, overwrite=True, **TINY))
     assert notes.read_text() == "the user's" and _ids(out) == IDS
     notes.rename(tmp_path / "notes.txt")

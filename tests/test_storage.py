@@ -28,7 +28,7 @@ def test_bytes_roundtrip_and_listing(root):
 
 
 def test_missing_file_names_the_uri(root):
-    with pytest.raises(WsssError, match="not found.*nope.bin"):
+    with pytest.raises(WsssError, match=r"not found.*nope.bin"):
         storage.read_bytes(storage.join(root, "nope.bin"))
 
 

@@ -114,7 +114,7 @@ def test_sweep_reports_epochs_and_seed_miou(sweep):
 @pytest.mark.slow
 def test_train_epochs_reach_tune_through_the_callback(sweep):
     """Tune's own per-trial results hold one row per Train epoch (val_map), then the seed row."""
-    cfg, summary = sweep
+    cfg, _ = sweep
     result_files = sorted((Path(cfg.out) / cfg.name).glob("*/result.json"))
     assert len(result_files) == 2
     for path in result_files:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from ray_wsss.core.methods.views import View, draw_view, random_view
 
 GRIDS = [(3, 5), (4, 4), (2, 7)]
-PERMUTATION_VIEWS = [View(hflip=h, vflip=v, rot90=r) for h, v, r in itertools.product((False, True), (False, True), range(4))]
+PERMUTATION_VIEWS = [View(hflip=h, vflip=v, rot90=r)
+                     for h, v, r in itertools.product((False, True), (False, True), range(4))]
 
 
 def _forward_tokens(view: View, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -141,7 +141,7 @@ def test_project_checkpoint_loads(tmp_path):
 
 def test_missing_weight_file_names_the_path(tmp_path):
     missing = str(tmp_path / "nope.pth")
-    with pytest.raises(WsssError, match="nope.pth"):
+    with pytest.raises(WsssError, match=r"nope.pth"):
         build_classifier(ViTConfig(**TINY, weights=missing), NUM_CLASSES)
 
 
@@ -150,7 +150,7 @@ def test_missing_parameters_are_an_error(tmp_path):
     del state["blocks.1.mlp.fc1.weight"]
     path = tmp_path / "partial.pth"
     torch.save(state, path)
-    with pytest.raises(WsssError, match="blocks.1.mlp.fc1.weight"):
+    with pytest.raises(WsssError, match=r"blocks.1.mlp.fc1.weight"):
         load_weights(_tiny(), path)
 
 

@@ -74,7 +74,7 @@ def test_mask_ids_outside_voc_are_rejected(tmp_path):
 
 def test_split_file_problems(tmp_path):
     tree = make_voc_tree(tmp_path)
-    with pytest.raises(WsssError, match="train_aug.txt"):
+    with pytest.raises(WsssError, match=r"train_aug.txt"):
         voc.list_voc_ids(tree["root"], "train_aug")
     (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("\n\n")
     with pytest.raises(WsssError, match="split val lists no images"):

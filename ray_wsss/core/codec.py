@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import numpy as np
 from PIL import Image
-
 
 
 # The PASCAL VOC colour map, so masks open in any viewer with the colours people know.

@@ -399,7 +399,8 @@ def read_table(out: str, table: str, options: StorageOptions | None = None,
     if not parts:
         from ray_wsss.core import schema
 
-        return schema.SCHEMAS[table].empty_table() if columns is None else schema.SCHEMAS[table].empty_table().select(columns)
+        empty = schema.SCHEMAS[table].empty_table()
+        return empty if columns is None else empty.select(columns)
     return pa.concat_tables(parts, promote_options="default")
 
 

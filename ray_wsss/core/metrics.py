@@ -337,4 +337,5 @@ def f1_scores(logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     denom = 2 * tp + fp + fn
     per_class = np.divide(2 * tp, denom, out=np.full_like(tp, np.nan), where=denom > 0)
     micro = 2 * tp.sum() / max(1.0, (2 * tp + fp + fn).sum())
-    return {"f1": float(micro), "f1_macro": float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")}
+    macro = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+    return {"f1": float(micro), "f1_macro": macro}

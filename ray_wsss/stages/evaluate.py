@@ -40,7 +40,8 @@ class EvaluateConfig(batch_stage.DataStageConfig):
     batch_size: int = option(32, "predictions an actor scores per batch", min=1)
     pred: str = option("runs/default/seeds", "seeds or masks stage URI")
     kind: str = option("seeds", "what --pred holds", choices=KINDS)
-    threshold: float | None = option(None, "seeds: score at this background threshold instead of sweeping", min=0, max=1)
+    threshold: float | None = option(None, "seeds: score at this background threshold instead of sweeping",
+                                     min=0, max=1)
     thresholds: str = option(DEFAULT_THRESHOLD_GRID, "seeds: background thresholds to sweep, start:stop:step with "
                                                      "stop included (MCTformer's curve: 0.00:0.59:0.01)")
     threshold_pick: str = option("max", "seeds: the threshold reported, max (highest mIoU) or early-stop "
@@ -138,7 +139,8 @@ def _stage(cfg: EvaluateConfig) -> batch_stage.BatchStage:
              for n in names]
 
     def reduce(results: Iterator[dict[str, Any]]) -> dict[str, Any]:
-        total = ThresholdSweep(len(class_names), thresholds) if cfg.kind == "seeds" else ConfusionMatrix(len(class_names))
+        total = (ThresholdSweep(len(class_names), thresholds) if cfg.kind == "seeds"
+                 else ConfusionMatrix(len(class_names)))
         images = without_gt = 0
         for result in results:
             total.counts += np.frombuffer(result["counts"], np.int64).reshape(total.counts.shape)

@@ -40,10 +40,12 @@ class ExtractSeedsConfig(batch_stage.DataStageConfig):
     batch_size: int = option(128, "images an actor takes at once (their views of equal size share forwards)", min=1)
     max_views: int = option(32, "most views in one forward, flips included (bounds memory; the maps do not change)",
                             min=1)
-    checkpoint: str = option("runs/default/train", "a checkpoint dir, or a training job's --out (its latest checkpoint)")
+    checkpoint: str = option("runs/default/train",
+                             "a checkpoint dir, or a training job's --out (its latest checkpoint)")
     scales: tuple[float, ...] = option((1.0,), "test-time scales", gt=0)
     flip: bool = option(True, "add horizontally flipped inputs")
-    layers: int | None = option(None, "last layers whose maps are combined (default: 2 for ACR/baseline, 3 for MCTformer)", min=1)
+    layers: int | None = option(None, "last layers whose maps are combined (default: 2 for ACR/baseline, "
+                                      "3 for MCTformer)", min=1)
     refine: bool = option(True, "refine with patch-to-patch attention (--no-refine: ACR*)")
     refine_layers: tuple[int, ...] | None = option(None, "blocks whose patch affinity refines (default: all)")
     layer_reduction: str | None = option(None, "how blocks combine in the maps, mean or sum (default: mean for "

@@ -66,7 +66,8 @@ class MakeMasksConfig(batch_stage.DataStageConfig):
                              choices=("threshold", "power"))
     power_alpha: float = option(8.0, "alpha of the PSA background (PSA's walk: 16)", gt=0)
     crf: CRFConfig = dataclasses.field(default_factory=CRFConfig)  # PSA's values; --method crf --no-crf: the argmax
-    ignore_low: float | None = option(None, "pixels with confidence in [low, high) become 255 (off by default)", min=0, max=1)
+    ignore_low: float | None = option(None, "pixels with confidence in [low, high) become 255 (off by default)",
+                                      min=0, max=1)
     ignore_high: float | None = option(None, "upper end of the ignore band", min=0, max=1)
     num_cpus_per_task: float = option(1.0, "CPUs per CRF actor", gt=0)
 

@@ -187,7 +187,8 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
                                          "split": cfg.train_split(), **threshold, **affinity, **gpu},
             cfg.masks, opts))),
         ("eval_masks", masks_eval, evaluation(cfg.uri("masks"), masks_eval, "masks", cfg.train_split())),
-        ("deeplab", cfg.uri("deeplab"), lambda: _skip_or(cfg.uri("deeplab"), opts, lambda: train_deeplab.run(_stage_config(
+        ("deeplab", cfg.uri("deeplab"), lambda: _skip_or(cfg.uri("deeplab"), opts,
+                                                         lambda: train_deeplab.run(_stage_config(
             train_deeplab.TrainDeepLabConfig,
             {"masks": cfg.uri("masks"), "data": data, "out": cfg.uri("deeplab"), "num_workers": cfg.num_workers,
              "train_split": cfg.train_split(), **validation, **gpu, **training_threads(cfg)}, cfg.deeplab, opts)))),

@@ -38,7 +38,8 @@ class PrepareConfig(batch_stage.StageConfig):
             raise ValueError(f"split {self.split!r} names no split")
         generator = [name for name in SYNTHETIC_ONLY if getattr(self, name) is not None]
         if self.format != "synthetic" and generator:
-            raise ValueError(f"{', '.join(generator)}: generator settings, for format synthetic only (not {self.format})")
+            raise ValueError(f"{', '.join(generator)}: generator settings, for format synthetic only "
+                             f"(not {self.format})")
         if self.format == "synthetic":
             _synthetic_config(self)  # the generator checks its own limits (min_size <= max_size, ...)
 

@@ -114,7 +114,8 @@ def _stage(cfg: SegmentConfig) -> batch_stage.BatchStage:
                         f"but {cfg.data} has {data_meta['class_names']}")
     files = batch_stage.samples_files(cfg.data, cfg.storage, cfg.splits())
     log.info("segmenting %s of %s with checkpoint %s (epoch %s), scales %s, flip %s, CRF %s",
-             sorted(set(files.values())), cfg.data, checkpoint_uri, meta.get("epoch"), cfg.scales, cfg.flip, cfg.crf.enabled)
+             sorted(set(files.values())), cfg.data, checkpoint_uri, meta.get("epoch"), cfg.scales, cfg.flip,
+             cfg.crf.enabled)
     metadata = {
         "table": "masks",
         "class_names": data_meta["class_names"],

@@ -51,15 +51,18 @@ class TuneACRConfig:
     out: str = option("runs/default/tune", "output URI: Tune state, per-trial runs, best_config.yaml")
     name: str = option("tune_acr", "Tune experiment name")
     num_samples: int = option(8, "trials to sample (each grid point gets this many)", min=1)
-    max_concurrent_trials: int | None = option(None, "default: the cluster's GPUs / GPUs per trial, else what its CPUs run without a hang", min=1)
+    max_concurrent_trials: int | None = option(
+        None, "default: the cluster's GPUs / GPUs per trial, else what its CPUs run without a hang", min=1)
     epochs: int = option(6, "training epochs per trial", min=1)
     grace_period: int = option(1, "ASHA: epochs every trial trains before it can be stopped", min=1)
     reduction_factor: float = option(2.0, "ASHA: a rung keeps the best 1/reduction_factor of trials", gt=1)
     asha_metric: str = option("val_map", "per-epoch held-out metric ASHA compares (maximised)")
     eval_split: str = option("val", "labelled split (with gt masks) whose seed mIoU is the objective")
-    alpha: tuple[float, ...] = option((0.0, 1.0, 5.0, 25.0, 125.0), "Lact weight: values (choice, grid) or low high (loguniform, uniform)", min=0)
+    alpha: tuple[float, ...] = option((0.0, 1.0, 5.0, 25.0, 125.0),
+                                      "Lact weight: values (choice, grid) or low high (loguniform, uniform)", min=0)
     alpha_sampling: str = option("choice", "how alpha is searched", choices=SAMPLINGS)
-    beta: tuple[float, ...] = option((0.0, 1.0, 5.0, 25.0, 125.0), "Laff weight: values or low high, as for alpha", min=0)
+    beta: tuple[float, ...] = option((0.0, 1.0, 5.0, 25.0, 125.0), "Laff weight: values or low high, as for alpha",
+                                     min=0)
     beta_sampling: str = option("choice", "how beta is searched", choices=SAMPLINGS)
     lr: tuple[float, ...] = option((1e-4, 1e-3), "learning rate: values or low high", gt=0)
     lr_sampling: str = option("loguniform", "how lr is searched", choices=SAMPLINGS)

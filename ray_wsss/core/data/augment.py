@@ -42,7 +42,7 @@ class ClassifierTransform:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = [self.transform(codec.decode_image(b)).numpy() for b in batch["image"]]
-        labels = [multi_hot(list(l), self.num_classes) for l in batch["labels"]]
+        labels = [multi_hot(list(present), self.num_classes) for present in batch["labels"]]
         return {"image": np.stack(images), "labels": np.stack(labels)}
 
 

@@ -140,7 +140,7 @@ def _category_hue(cfg: ShapesConfig, category: int) -> float | None:
     return category / len(SHAPES) if cfg.hue_cue else None
 
 
-def _fill(rng: np.random.Generator, canvas: "synthetic._Canvas", region: np.ndarray, hue: float | None) -> np.ndarray:
+def _fill(rng: np.random.Generator, canvas: synthetic._Canvas, region: np.ndarray, hue: float | None) -> np.ndarray:
     """[n, 3] colours for the region's pixels: a random texture between two random colours, or two
     saturated shades of the given hue."""
     if hue is None:

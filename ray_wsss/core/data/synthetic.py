@@ -382,7 +382,7 @@ class _Canvas:
         cell = rng.uniform(3, 7)  # checker
         return ((np.floor(u / cell) + np.floor(v / cell)) % 2).astype(np.float32)
 
-    def _paint_part(self, shape: "_Shape", design: int) -> None:
+    def _paint_part(self, shape: _Shape, design: int) -> None:
         rng = self.rng
         hue = PART_HUES[design] + rng.uniform(-6, 6)
         main = _hsv(hue, rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0))

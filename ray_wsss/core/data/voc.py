@@ -69,7 +69,8 @@ def list_voc_ids(root: str, split: str,
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1
-        raise WsssError(f"VOC split file {uri} is not UTF-8 text (line {line}, byte {err.start}: {err.reason})") from err
+        raise WsssError(f"VOC split file {uri} is not UTF-8 text (line {line}, byte {err.start}: "
+                        f"{err.reason})") from err
     listed: dict[str, int] = {}
     errors: list[tuple[str, str]] = []
     for number, line in enumerate(text.splitlines(), start=1):

@@ -64,6 +64,7 @@ def attention_class_maps(model: nn.Module, images: Tensor, classes: Sequence[Seq
 for _version in ("v1", "v2"):
     register_method(Method(
         name=f"mct-{_version}",
-        description=f"MCTformer-{_version.upper()}: one class token per class" + (" + PatchCAM" if _version == "v2" else ""),
+        description=(f"MCTformer-{_version.upper()}: one class token per class"
+                     + (" + PatchCAM" if _version == "v2" else "")),
         build_model=partial(build_mctformer, version=_version), losses=mct_losses, two_view_losses=mct_acr_losses,
         class_maps=attention_class_maps))

@@ -24,7 +24,7 @@ from torch import Tensor
 
 
 def _scaled(n: int, scale: float) -> int:
-    return max(1, int(round(n * scale)))
+    return max(1, round(n * scale))
 
 
 @dataclasses.dataclass(frozen=True)

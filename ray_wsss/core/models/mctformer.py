@@ -132,7 +132,8 @@ class MCTformer(nn.Module):
         tokens = self.patch_embed(x)
         if tokens.ndim == 4:  # dynamic-size timm patch embeds are NHWC
             tokens = tokens.flatten(1, 2)
-        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.resampled_pos_embed(grid, pixels)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1)
+        tokens = tokens + self.resampled_pos_embed(grid, pixels)
         tokens = self.norm_pre(self.patch_drop(self.pos_drop(tokens)))
         with self.attention_recorder.recording() as attentions:
             tokens = self.blocks(tokens)
@@ -149,7 +150,8 @@ class MCTformer(nn.Module):
 def _check_backbone(vit: nn.Module, model_name: str) -> None:
     """Refuse timm variants whose extra tokens or parameters the MCTformer layout cannot hold."""
     if getattr(vit, "reg_token", None) is not None or getattr(vit, "no_embed_class", False):
-        raise WsssError(f"{model_name}: register tokens / class-free position embeddings are not supported by MCTformer")
+        raise WsssError(f"{model_name}: register tokens / class-free position embeddings are not supported by "
+                        "MCTformer")
     extra = [name for name, _ in vit.named_parameters() if not name.startswith(_BACKBONE_PARAMS)]
     if extra:
         raise WsssError(f"{model_name} has parameters outside the MCTformer layout: {extra[:5]}")
@@ -210,7 +212,8 @@ def load_mct_state_dict(model: MCTformer, state_dict: dict[str, torch.Tensor], s
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # shape mismatches: another architecture
-        raise WsssError(f"weights {source} do not fit MCTformer-{model.version} ({model.cfg.model_name}): {err}") from err
+        raise WsssError(f"weights {source} do not fit MCTformer-{model.version} ({model.cfg.model_name}): "
+                        f"{err}") from err
     missing = [k for k in result.missing_keys if k not in HEAD_KEYS]
     if missing or result.unexpected_keys:
         raise WsssError(f"weights {source} do not match MCTformer-{model.version}: "

@@ -40,7 +40,7 @@ GRAD_STRATEGIES = ("slots_vmap", "slots_loop", "pairs")
 LAYER_REDUCTIONS = ("mean", "sum")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ACRMapConfig:
     grad_layers: int = 2                           # last L blocks for the gradient maps (authors' code: 2)
     refine: bool = True                            # False = ACR* (no affinity refinement)
@@ -109,7 +109,7 @@ def naive_class_maps(model: AttentionViT, images: Tensor, classes: Sequence[Sequ
             maps = []
             for class_id in row:
                 logit = _logit_index(class_id, out.logits.shape[1])
-                grads = torch.autograd.grad(out.logits[0, logit], [out.attentions[l] for l in layers],
+                grads = torch.autograd.grad(out.logits[0, logit], [out.attentions[layer] for layer in layers],
                                             retain_graph=True)
                 maps.append(_grads_to_map(grads, out, cfg.layer_reduction)[0])
             num_patches = out.grid[0] * out.grid[1]
@@ -165,7 +165,7 @@ def _reduce_layers(stacked: Tensor, reduction: str) -> Tensor:
 
 def _slot_gradient_maps(out: ClassifierOutput, logit_slots: Tensor, cfg: ACRMapConfig, batched: bool) -> Tensor:
     """[S, B, Np] gradient maps (Eq. 7) of every (slot, image); padded slots are zero."""
-    attentions = [out.attentions[l] for l in _grad_layers(len(out.attentions), cfg.grad_layers)]
+    attentions = [out.attentions[layer] for layer in _grad_layers(len(out.attentions), cfg.grad_layers)]
     num_slots = logit_slots.shape[0]
     selectors = torch.zeros(num_slots, *out.logits.shape, dtype=out.logits.dtype, device=out.logits.device)
     slot_idx, image_idx = torch.nonzero(logit_slots >= 0, as_tuple=True)
@@ -187,7 +187,7 @@ def _pair_maps(model: AttentionViT, images: Tensor, classes: list[list[int]], cf
     out = model(images[image_idx.to(images.device)])
     logits = torch.tensor([_logit_index(c, out.logits.shape[1]) for row in classes for c in row],
                           dtype=torch.long, device=out.logits.device)
-    attentions = [out.attentions[l] for l in _grad_layers(len(out.attentions), cfg.grad_layers)]
+    attentions = [out.attentions[layer] for layer in _grad_layers(len(out.attentions), cfg.grad_layers)]
     grads = torch.autograd.grad(out.logits.gather(1, logits[:, None]).sum(), attentions)
     maps = _grads_to_map(grads, out, cfg.layer_reduction)  # [pairs, Np]
     if cfg.refine:
@@ -200,7 +200,7 @@ def _patch_affinity(out: ClassifierOutput, cfg: ACRMapConfig) -> Tensor:
     """[B, Np, Np] patch-to-patch attention averaged over heads, reduced over the refinement blocks."""
     prefix = out.num_prefix_tokens
     layers = _refine_layers(len(out.attentions), cfg.refine_layers)
-    return _reduce_layers(torch.stack([out.attentions[l][:, :, prefix:, prefix:].mean(dim=1) for l in layers]),
+    return _reduce_layers(torch.stack([out.attentions[layer][:, :, prefix:, prefix:].mean(dim=1) for layer in layers]),
                           cfg.layer_reduction)
 
 

@@ -28,7 +28,7 @@ MAP_TYPES = ("fused", "patchcam", "attention")
 LAYER_REDUCTIONS = ("sum", "mean")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MCTMapConfig:
     last_layers: int = 3        # K: class-to-patch attention summed over the last K blocks (authors: 3)
     refine: bool = True         # patch-to-patch attention refinement (authors' --patch-attn-refine)
