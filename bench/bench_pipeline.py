@@ -69,7 +69,7 @@ def main() -> None:
         if not storage.exists(metrics_uri):
             continue
         history = [json.loads(line) for line in storage.read_bytes(metrics_uri).decode().splitlines() if line]
-        keys = ("data_wait_seconds", "step_seconds", "val_seconds", "epoch_seconds", "epoch_cpu_seconds")
+        keys = ("data_wait_seconds", "step_seconds", "validation_seconds", "epoch_seconds", "epoch_cpu_seconds")
         print(f"\n{stage} epochs: " + " ".join(f"{k}" for k in keys))
         for row in history:
             print(f"  {row['epoch']:>3} " + " ".join(f"{row.get(k, float('nan')):>8.1f}" for k in keys))

@@ -136,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Where the epoch went (rank 0's view): waiting for input batches, training steps, held-out scoring; and
         # this worker's CPU seconds, which a machine shared with other work stretches far less than wall seconds.
         row.update(data_wait_seconds=round(waited, 2), step_seconds=round(trained - started - waited, 2),
-                   val_seconds=round(time.time() - trained, 2), epoch_seconds=round(time.time() - started, 2),
+                   validation_seconds=round(time.time() - trained, 2), epoch_seconds=round(time.time() - started, 2),
                    epoch_cpu_seconds=round(time.process_time() - started_cpu, 2))
         history.append(row)
         if rank == 0:
