@@ -136,14 +136,19 @@ class MaskMaker:
         rows, failures = [], []
         for record in records:
             try:
-                rgb, scores, classes = decode_seeded_sample(record, self.seed_format)
-                mask = pseudo_mask(rgb, scores, classes, self.labelling, self.walk)
+                rows.append(mask_row(record, self.labelling, self.seed_format, self.walk))
             except RecordError as err:
                 failures.append((err.image_id, err.message))
-                continue
-            rows.append({"image_id": record["image_id"], "height": rgb.shape[0], "width": rgb.shape[1],
-                         "mask": codec.encode_mask(mask)})
         return rows, failures
+
+
+def mask_row(record: dict[str, Any], labelling: LabellingConfig, seed_format: SeedFormat,
+             walk: Walk | None = None) -> dict[str, Any]:
+    """One sample with its seeds row (``record["seeds"]``) -> one masks row; RecordError names what is wrong."""
+    rgb, scores, classes = decode_seeded_sample(record, seed_format)
+    mask = pseudo_mask(rgb, scores, classes, labelling, walk)
+    return {"image_id": record["image_id"], "height": rgb.shape[0], "width": rgb.shape[1],
+            "mask": codec.encode_mask(mask)}
 
 
 def record_node(out: str, options: StorageOptions | None) -> None:
