@@ -2,6 +2,7 @@
 loaded by the classifier through ``weights:``; the pipeline's ``pretrain:`` section."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from ray_wsss.core import checkpoints, commit, storage
 from ray_wsss.core.config import ConfigError, from_dict
 from ray_wsss.core.data import shapes
+from ray_wsss.core.errors import WsssError
 from ray_wsss.core.methods import get_method
 from ray_wsss.core.models.vit import HEAD_PREFIXES
 from ray_wsss.harness import training
@@ -44,6 +46,13 @@ def test_pretrain_renders_its_task_trains_and_commits(pretrained):
     assert {"map", "f1"} <= set(summary["val"])
     # both folders are in the stage's journal: an --overwrite deletes them with it
     assert {pretrain.DATA_DIR, cfg.name} <= commit.read_journal(cfg.out).dirs
+
+
+@pytest.mark.slow
+def test_a_rerun_with_other_task_settings_is_refused(pretrained):
+    cfg, _ = pretrained
+    with pytest.raises(WsssError, match=r"other settings \(num_train: 24 there, 30 now\)"):
+        pretrain.run(dataclasses.replace(cfg, num_train=30))
 
 
 @pytest.mark.slow

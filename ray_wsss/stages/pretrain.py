@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ray_wsss.core import checkpoints, commit, ownership, storage, weights
 from ray_wsss.core.config import option
+from ray_wsss.core.errors import WsssError
 from ray_wsss.core.models.vit import HEAD_PREFIXES
 from ray_wsss.harness import training
 from ray_wsss.stages import prepare_data, train_acr
@@ -27,6 +28,7 @@ from ray_wsss.stages import prepare_data, train_acr
 STAGE = "pretrain"
 DATA_DIR = "data"                      # the rendered task, inside the stage's out
 BACKBONE_FILE = "backbone.safetensors"
+TASK_SETTINGS = ("format", "seed", "num_train", "num_val", "hue_cue")  # prepare's fields that make the task
 # Objectives on the shapes task; both train a single-class-token ViT, whose weights every method loads.
 METHODS = ("baseline", "acr")
 # The classifier's model fields: a backbone made for a classifier must be built as it is.
@@ -72,11 +74,24 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     started = time.time()
     data = storage.join(cfg.out, DATA_DIR)
     commit.claim(cfg.out, STAGE, cfg.storage, dirs=[DATA_DIR])  # the task folder is the stage's before it exists
-    if not commit.is_committed(data, cfg.storage):
+    if commit.is_committed(data, cfg.storage):
+        check_rendered(cfg, data)
+    else:
         prepare_data.run(cfg.prepare_config(data))
     checkpoint_path = train_acr.fit_classifier(cfg.classifier_config(data), STAGE)
     backbone = export_backbone(cfg, training.checkpoint_uri_for(cfg.out, checkpoint_path))
     return training.finish(cfg, checkpoint_path, started, {"stage": STAGE, "method": cfg.method, "weights": backbone})
+
+
+def check_rendered(cfg: PretrainConfig, data: str) -> None:
+    """A task rendered before with other generator settings would be trained on silently: refuse it."""
+    wanted = dataclasses.asdict(cfg.prepare_config(data))
+    rendered = storage.read_json(storage.join(data, "dataset.json"), cfg.storage)["config"]
+    differ = {k: (rendered.get(k), wanted[k]) for k in TASK_SETTINGS if rendered.get(k) != wanted[k]}
+    if differ:
+        shown = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differ.items())
+        raise WsssError(f"{data} holds the shapes task rendered with other settings ({shown}); rerun with those, "
+                        "or give another --out")
 
 
 def export_backbone(cfg: PretrainConfig, checkpoint_uri: str) -> str:
