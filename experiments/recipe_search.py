@@ -1,12 +1,12 @@
 """Screen classifier training recipes fast: a plain single-process PyTorch loop (no Ray) on synthetic
 variants rendered in memory.
 
-The loop is the classifier stage's, minus Ray: the project's AttentionViT (``build_classifier``),
-``TrainStep`` (ACR's two views and losses, the baseline's, MCTformer's), ``build_optimizer`` and the
-poly schedule, ``ClassifierTransform``'s augmentation and the held-out mAP / F1 of
-``ray_wsss.train.metrics``, per epoch with its wall and CPU seconds. Data come from
-``ray_wsss.data.synthetic.VARIANTS``: tune only on ``DEV_VARIANTS``; ``HELDOUT_VARIANTS`` check that
-a choice generalises. After training, ``--seed-images N`` scores seeds (``seed_scores_for_method``,
+The loop is the classifier stage's, minus Ray: the method's model (``get_method(...).build_model``),
+``stages.train_acr.TrainStep`` (ACR's two views and losses, the baseline's, MCTformer's),
+``build_optimizer`` and the poly schedule, ``ClassifierTransform``'s augmentation and the held-out
+mAP / F1 of ``ray_wsss.core.metrics``, per epoch with its wall and CPU seconds. Data come from
+``ray_wsss.core.data.synthetic.VARIANTS``: tune only on ``DEV_VARIANTS``; ``HELDOUT_VARIANTS`` check that
+a choice generalises. After training, ``--seed-images N`` scores seeds (``Method.seed_scores``,
 refined and not) on N train images against their masks, at the best background threshold, next to
 the trivial reference (each labelled class uniform over its image).
 
@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,18 +30,16 @@ import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 
-from ray_wsss.core.data import shapes
-from ray_wsss.data import synthetic
-from ray_wsss.data.augment import ClassifierTransform, multi_hot, normalize
-from ray_wsss.evaluate import ThresholdSweep
-from ray_wsss.methods.acr import ACRLossConfig, classification_loss
-from ray_wsss.methods.views import random_view
-from ray_wsss.models import build_classifier
-from ray_wsss.seeds.extract import ExtractSeedsConfig, seed_scores_for_method
-from ray_wsss.train import metrics
-from ray_wsss.train.classifier import TrainClassifierConfig, TrainStep
-from ray_wsss.train.optim import build_optimizer, poly_schedule
-
+from ray_wsss.core import metrics
+from ray_wsss.core.data import shapes, synthetic
+from ray_wsss.core.data.augment import ClassifierTransform, multi_hot, normalize
+from ray_wsss.core.methods import get_method
+from ray_wsss.core.methods.acr import ACRLossConfig, classification_loss
+from ray_wsss.core.methods.views import draw_view
+from ray_wsss.core.metrics import ThresholdSweep
+from ray_wsss.core.optim import build_optimizer, poly_schedule
+from ray_wsss.stages.extract_seeds import ExtractSeedsConfig
+from ray_wsss.stages.train_acr import TrainClassifierConfig, TrainStep
 
 # --variants names of the whole-object pretraining task: outline only, or outline and hue
 SHAPES = {"shapes": shapes.ShapesConfig(), "shapes-hue": shapes.ShapesConfig(hue_cue=True)}
@@ -117,7 +116,7 @@ def _wsss_scene(cfg: synthetic.SyntheticConfig, split: str, index: int) -> tuple
 
 
 def _targets(labels: list[list[int]], num_classes: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([multi_hot(l, num_classes) for l in labels]))
+    return torch.from_numpy(np.stack([multi_hot(classes, num_classes) for classes in labels]))
 
 
 def _eval_inputs(images: list[np.ndarray], img_size: int) -> torch.Tensor:
@@ -141,10 +140,11 @@ def train(recipe: Recipe, data: VariantData, log: Any = print) -> tuple[torch.nn
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     num_fg = data.num_classes - 1
-    model = build_classifier(cfg.method, cfg.vit_config(), num_fg)
+    method = get_method(cfg.method)
+    model = method.build_model(cfg.vit_config(), num_fg)
     alpha, beta = cfg.consistency_weights()
     two_views = alpha > 0 or beta > 0
-    step_module = TrainStep(model, cfg.method, ACRLossConfig(alpha=alpha, beta=beta, layers=cfg.acr_layers)
+    step_module = TrainStep(model, method, ACRLossConfig(alpha=alpha, beta=beta, layers=cfg.acr_layers)
                             if two_views else None, cfg.patch_size)
     aux = PatchMaxHead(model, num_fg) if recipe.aux_max_weight > 0 else None
     trained = torch.nn.ModuleList([model] + ([aux] if aux else []))
@@ -171,7 +171,7 @@ def train(recipe: Recipe, data: VariantData, log: Any = print) -> tuple[torch.nn
             index = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             batch = torch.stack([augment(images[i]) for i in index])
             labels = targets[index] * (1 - smoothing) + smoothing / 2
-            view = random_view(view_rng, scales=cfg.view_scales) if two_views else None
+            view = draw_view(cfg.view_set, view_rng, cfg.view_scales) if two_views else None
             losses = step_module(batch, labels, view)
             if aux is not None:
                 aux_loss = aux.loss(labels)
@@ -231,6 +231,7 @@ def seed_quality(model: torch.nn.Module, method: str, data: VariantData, count: 
     """Seed mIoU (best background threshold) on the first ``count`` train images: refined, not refined,
     and the trivial reference."""
     model.eval()
+    scorer = get_method(method)
     images, classes, masks = (data.images["train"][:count], data.labels["train"][:count],
                               data.masks["train"][:count])
     result = {}
@@ -238,8 +239,8 @@ def seed_quality(model: torch.nn.Module, method: str, data: VariantData, count: 
         sweep = ThresholdSweep(data.num_classes)
         for start in range(0, count, 16):
             part = slice(start, start + 16)
-            scores = seed_scores_for_method(method, model, images[part], classes[part],
-                                            ExtractSeedsConfig(refine=refine))
+            stage = ExtractSeedsConfig(refine=refine)  # the seeds stage's maps and test-time augmentation
+            scores = scorer.seed_scores(model, images[part], classes[part], stage.map_options(), stage.tta_config())
             for score, labels, mask in zip(scores, classes[part], masks[part]):
                 sweep.add(score, labels, mask)
         result["seed_miou" if refine else "seed_miou_unrefined"] = round(sweep.best()["miou"], 4)
@@ -259,10 +260,14 @@ def table(results: str) -> str:
         final = run["final"]
         seeds = (" / ".join(f"{run[k]:.3f}" for k in ("seed_miou", "seed_miou_unrefined", "seed_miou_trivial"))
                  if "seed_miou" in run else "")
-        lines.append(f"| {run['variant']} | {run['method']} | {run['tag']} | {final['epoch']} | {final['val_f1']:.3f} | "
-                     f"{final['val_map']:.3f} | {run['first_epoch_f1_0.8'] or '-'} | {seeds} | "
+        lines.append(f"| {run['variant']} | {run['method']} | {run['tag']} | {final['epoch']} | "
+                     f"{final['val_f1']:.3f} | {final['val_map']:.3f} | {run['first_epoch_f1_0.8'] or '-'} | {seeds} | "
                      f"{run['mean_epoch_s']} | {run['mean_epoch_cpu_s']} |")
     return "\n".join(lines)
+
+
+def _log(prefix: str, line: str) -> None:
+    print(prefix + line, flush=True)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -314,7 +319,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         data = render(variant, args.num_train, args.num_val)
         if args.cnn_probe:
-            cnn_probe(data, args.epochs, args.crop_scale, args.img_size, log=lambda line: print(f"[{variant} cnn] {line}"))
+            cnn_probe(data, args.epochs, args.crop_scale, args.img_size, log=partial(_log, f"[{variant} cnn] "))
             continue
         for method in args.methods.split(","):
             recipe = Recipe(
@@ -327,7 +332,7 @@ def main() -> None:
                 label_smoothing=args.label_smoothing, crop_scale=args.crop_scale, decay_1d=not args.no_decay_1d,
                 aux_max_weight=args.aux_max, aux_epochs=args.aux_epochs)
             prefix = f"[{variant} {method}{' ' + args.tag if args.tag else ''}] "
-            model, history = train(recipe, data, log=lambda line: print(prefix + line, flush=True))
+            model, history = train(recipe, data, log=partial(_log, prefix))
             summary = {"variant": variant, "method": method, "tag": args.tag, "args": vars(args),
                        "final": history[-1], "history": history,
                        "best_f1": max(r["val_f1"] for r in history),

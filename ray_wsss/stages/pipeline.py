@@ -16,6 +16,11 @@ pipeline runs; what each evaluation scores (``pred``, ``kind``, ``split``, ``dat
 With ``val_data`` (prepared sample shards of the held-out split, e.g. COCO's val2014, which ``prepare_data`` makes
 from its own annotations file) the pipeline prepares only the training split and validates, segments and scores
 the held-out one from there.
+
+With ``pretrain: {enabled: true}`` a ``pretrain`` stage comes first: it trains the classifier's backbone on
+the whole-object shapes task under ``<out>/pretrain`` (once: a committed run is reused) and the classifier
+starts from it, as with ``train: {weights: <out>/pretrain/backbone.safetensors}``. The section's other keys
+are the pretrain stage's settings; the model's fields come from the ``train:`` section.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from ray_wsss.core.storage import StorageOptions
 log = logging.getLogger(__name__)
 STAGES = ("prepare", "train", "seeds", "eval_seeds", "masks", "eval_masks", "deeplab", "segment", "eval_segment")
 PSA_STAGES = ("affinity_seeds", "affinity_labels", "affinity")  # before "masks" when the masks walk
+PRETRAIN_STAGE = "pretrain"  # before "train" when the `pretrain:` section is enabled
 AFFINITY_SEEDS = ("seeds", "unrefined")
 EVALUATE_WIRED = ("pred", "kind", "split", "data", "out")  # set per evaluation by the pipeline
 
@@ -56,8 +62,9 @@ class PipelineConfig:
                                           "own, or 'unrefined' (extracted again without refinement: ACR's recipe)",
                                  choices=AFFINITY_SEEDS)
     until: str | None = option(None, "stop after this stage (default: run every stage)",
-                               choices=(*STAGES, *PSA_STAGES))
+                               choices=(PRETRAIN_STAGE, *STAGES, *PSA_STAGES))
     prepare: dict = dataclasses.field(default_factory=dict)   # YAML only: per-stage overrides
+    pretrain: dict = dataclasses.field(default_factory=dict)  # {enabled: true, ...}: the pretrain stage's settings
     train: dict = dataclasses.field(default_factory=dict)
     seeds: dict = dataclasses.field(default_factory=dict)
     affinity_labels: dict = dataclasses.field(default_factory=dict)
@@ -79,11 +86,34 @@ class PipelineConfig:
         if self.val_data is not None and len(self.splits()) < 2:
             raise ValueError(f"val_data holds the held-out split: --split names the training split first and the "
                              f"held-out one last, got {self.split!r}")
+        self._check_pretrain()
         if self.affinity_seeds != "seeds" and not self.walks():
             raise ValueError(f"affinity_seeds: {self.affinity_seeds} is for masks: {{method: psa}} or psa+crf; "
                              f"the masks' method is {self.masks_method()!r}")
         if self.until is not None and self.until not in self.stage_names():
             raise ValueError(f"until: {self.until!r} is not a stage of this pipeline: {list(self.stage_names())}")
+
+    def _check_pretrain(self) -> None:
+        from ray_wsss.stages.pretrain import PretrainConfig
+
+        settings = config_lib.check_fields(PretrainConfig, {k: v for k, v in self.pretrain.items() if k != "enabled"},
+                                           "the `pretrain:` section")
+        enabled = self.pretrain.get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise ValueError(f"the `pretrain:` section: enabled = {enabled!r}; expected true or false")
+        if enabled and self.train.get("weights"):
+            raise ValueError(f"`pretrain: {{enabled: true}}` and `train: {{weights: {self.train['weights']}}}` both "
+                             "set the classifier's initial weights; give one of them")
+        self.pretrain = {"enabled": enabled, **settings}
+
+    def pretrains(self) -> bool:
+        return self.pretrain["enabled"]
+
+    def classifier_weights(self) -> str | None:
+        """The classifier's initial weights: the pretrain stage's backbone, the `train:` section's, or none."""
+        from ray_wsss.stages.pretrain import BACKBONE_FILE
+
+        return storage.join(self.uri(PRETRAIN_STAGE), BACKBONE_FILE) if self.pretrains() else self.train.get("weights")
 
     def masks_method(self) -> str:
         return self.masks.get("method", "crf")
@@ -93,11 +123,15 @@ class PipelineConfig:
         return self.masks_method() != "crf"
 
     def stage_names(self) -> tuple[str, ...]:
+        stages = STAGES
+        if self.pretrains():
+            before = stages.index("train")
+            stages = (*stages[:before], PRETRAIN_STAGE, *stages[before:])
         if not self.walks():
-            return STAGES
+            return stages
         psa = PSA_STAGES if self.affinity_seeds == "unrefined" else PSA_STAGES[1:]
-        before = STAGES.index("masks")
-        return (*STAGES[:before], *psa, *STAGES[before:])
+        before = stages.index("masks")
+        return (*stages[:before], *psa, *stages[before:])
 
     def splits(self) -> list[str]:
         return [name.strip() for name in self.split.split(",")]
@@ -170,12 +204,16 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
     threshold = {} if "threshold" in cfg.masks else {"threshold_from": storage.join(seeds_eval, "summary.json")}
     affinity = {"affinity": cfg.uri("affinity")} if cfg.walks() else {}
 
+    weights = {"weights": cfg.classifier_weights()} if cfg.classifier_weights() else {}
+
     return [
         ("prepare", data, prepare_stage),
+        *([_pretrain_runner(cfg)] if cfg.pretrains() else []),
         ("train", cfg.uri("train"), lambda: _skip_or(cfg.uri("train"), opts, lambda: train_acr.run(_stage_config(
             train_acr.TrainClassifierConfig,
             {"data": data, "out": cfg.uri("train"), "method": cfg.method, "num_workers": cfg.num_workers,
-             "train_split": cfg.train_split(), **validation, **gpu, **training_threads(cfg)}, cfg.train, opts)))),
+             "train_split": cfg.train_split(), **validation, **weights, **gpu, **training_threads(cfg)},
+            cfg.train, opts)))),
         ("seeds", cfg.uri("seeds"), lambda: extract_seeds.run(_stage_config(
             extract_seeds.ExtractSeedsConfig, {"checkpoint": cfg.uri("train"), "data": data, "out": cfg.uri("seeds"),
                                          "refine": refine_by_default(cfg), **gpu},
@@ -197,6 +235,18 @@ def stage_runners(cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict
                                     "split": cfg.eval_split(), **gpu}, cfg.segment, opts))),
         ("eval_segment", seg_eval, evaluation(cfg.uri("segment"), seg_eval, "masks", cfg.eval_split(), held_out)),
     ]
+
+
+def _pretrain_runner(cfg: PipelineConfig) -> tuple[str, str, Callable[[], dict[str, Any]]]:
+    """The pretrain stage, its model built as the classifier's (the `train:` section's model fields)."""
+    from ray_wsss.stages import pretrain
+
+    out = cfg.uri(PRETRAIN_STAGE)
+    model = {k: cfg.train[k] for k in pretrain.MODEL_FIELDS if k in cfg.train}
+    wired = {**model, "out": out, "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu}
+    settings = {k: v for k, v in cfg.pretrain.items() if k != "enabled"}
+    return (PRETRAIN_STAGE, out, lambda: _skip_or(out, cfg.storage, lambda: pretrain.run(_stage_config(
+        pretrain.PretrainConfig, {**wired, **training_threads(cfg)}, settings, cfg.storage))))
 
 
 def _psa_runners(cfg: PipelineConfig, data: str) -> list[tuple[str, str, Callable[[], dict[str, Any]]]]:
@@ -257,13 +307,14 @@ def training_threads(cfg: PipelineConfig) -> dict[str, int]:
 
 
 def refine_by_default(cfg: PipelineConfig) -> bool:
-    """Affinity refinement on for a classifier from pretrained weights (the papers' setting), off from scratch.
+    """Affinity refinement on for a classifier from pretrained weights (the papers' setting; the pretrain stage's
+    too), off from scratch.
 
     A from-scratch ViT's late-layer patch attention points background patches at the discriminative
     part, so refining with it inverted the demo's seeds (ACR: 0.18 refined vs 0.32 without, best-threshold
     mIoU on the synthetic train split). A ``seeds: {refine: ...}`` YAML section overrides this.
     """
-    return bool(cfg.train.get("weights"))
+    return bool(cfg.classifier_weights())
 
 
 def _skip_or(out: str, options: StorageOptions, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:

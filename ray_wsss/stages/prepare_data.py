@@ -1,8 +1,13 @@
-"""Stage 1: a source (VOC, COCO, synthetic) -> sample shards (the `samples` contract) + dataset.json."""
+"""Stage 1: a source (VOC, COCO, a generator) -> sample shards (the `samples` contract) + dataset.json.
+
+The generators: ``synthetic``, the WSSS data (:mod:`ray_wsss.core.data.synthetic`), and ``shapes``, the
+pretrain stage's whole-object task (:mod:`ray_wsss.core.data.shapes`).
+"""
 from __future__ import annotations
 
 import dataclasses
 import logging
+from types import ModuleType
 from typing import Any, ClassVar
 
 from ray_wsss.core import config as config_lib
@@ -13,8 +18,10 @@ from ray_wsss.harness import batch_stage
 
 log = logging.getLogger(__name__)
 STAGE = "prepare"
-FORMATS = ("synthetic", "voc", "coco")
-SYNTHETIC_ONLY = ("num_train", "num_val", "min_size", "max_size")  # generator settings; seed has a default
+FORMATS = ("synthetic", "shapes", "voc", "coco")
+GENERATED = ("synthetic", "shapes")
+GENERATOR_SETTINGS = ("num_train", "num_val", "min_size", "max_size")  # seed has a default
+SHAPES_ONLY = ("hue_cue",)
 
 
 @dataclasses.dataclass
@@ -22,26 +29,31 @@ class PrepareConfig(batch_stage.StageConfig):
     out: str = option("runs/default/data", "output URI (local path or s3://)")
     batch_size: int = option(16, "records an actor reads per batch", min=1)
     format: str = option("synthetic", "source layout", choices=FORMATS)
-    src: str | None = option(None, "source root URI (VOCdevkit/VOC2012, COCO image folder); unused for synthetic")
+    src: str | None = option(None, "source root URI (VOCdevkit/VOC2012, COCO image folder); unused for the "
+                                   "generators (synthetic, shapes)")
     split: str = option("train,val", "comma-separated split names, e.g. train_aug,val")
     annotations: str | None = option(None, "COCO instances JSON URI")
     rows_per_file: int = option(256, "sample rows per shard file: the grain of parallelism and of resume for "
                                      "every later stage", min=1)
-    seed: int = option(0, "synthetic: generator seed", min=0)
-    num_train: int | None = option(None, "synthetic: train images (default: the generator's)", min=0)
-    num_val: int | None = option(None, "synthetic: val images (default: the generator's)", min=0)
-    min_size: int | None = option(None, "synthetic: smallest image side (default: the generator's)")
-    max_size: int | None = option(None, "synthetic: largest image side (default: the generator's)")
+    seed: int = option(0, "synthetic, shapes: generator seed", min=0)
+    num_train: int | None = option(None, "synthetic, shapes: train images (default: the generator's)", min=0)
+    num_val: int | None = option(None, "synthetic, shapes: val images (default: the generator's)", min=0)
+    min_size: int | None = option(None, "synthetic, shapes: smallest image side (default: the generator's)")
+    max_size: int | None = option(None, "synthetic, shapes: largest image side (default: the generator's)")
+    hue_cue: bool | None = option(None, "shapes: each category also has its own hue (default: the generator's, off)")
 
     def __post_init__(self) -> None:
         if not self.splits():
             raise ValueError(f"split {self.split!r} names no split")
-        generator = [name for name in SYNTHETIC_ONLY if getattr(self, name) is not None]
-        if self.format != "synthetic" and generator:
-            raise ValueError(f"{', '.join(generator)}: generator settings, for format synthetic only "
+        generator = [name for name in GENERATOR_SETTINGS if getattr(self, name) is not None]
+        if self.format not in GENERATED and generator:
+            raise ValueError(f"{', '.join(generator)}: generator settings, for formats {list(GENERATED)} only "
                              f"(not {self.format})")
-        if self.format == "synthetic":
-            _synthetic_config(self)  # the generator checks its own limits (min_size <= max_size, ...)
+        shapes_only = [name for name in SHAPES_ONLY if getattr(self, name) is not None]
+        if self.format != "shapes" and shapes_only:
+            raise ValueError(f"{', '.join(shapes_only)}: settings of the shapes generator, not of format {self.format}")
+        if self.format in GENERATED:
+            _generator(self)  # the generator checks its own limits (min_size <= max_size, ...)
 
     def splits(self) -> list[str]:
         return [s.strip() for s in self.split.split(",") if s.strip()]
@@ -73,10 +85,9 @@ class SampleReader:
 
     def _read(self, record: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
-        if cfg.format == "synthetic":
-            from ray_wsss.core.data import synthetic
-
-            return synthetic.generate_sample(_synthetic_config(cfg), record["split"], int(record["index"]))
+        if cfg.format in GENERATED:
+            module, generator_cfg = _generator(cfg)
+            return module.generate_sample(generator_cfg, record["split"], int(record["index"]))
         if cfg.format == "voc":
             from ray_wsss.core.data.voc import read_voc_sample
 
@@ -95,27 +106,29 @@ def _read_coco_image(cfg: PrepareConfig, file_name: str, image_id: str) -> bytes
         raise RecordError(image_id, f"image file {uri}: {err}") from err
 
 
-def _synthetic_config(cfg: PrepareConfig):
-    from ray_wsss.core.data import synthetic
+def _generator(cfg: PrepareConfig) -> tuple[ModuleType, Any]:
+    """(the generator module of ``cfg.format``, its config: the seed and the settings given)."""
+    from ray_wsss.core.data import shapes, synthetic
 
-    base = synthetic.SyntheticConfig(seed=cfg.seed)
-    overrides = {k: getattr(cfg, k) for k in SYNTHETIC_ONLY if getattr(cfg, k) is not None}
-    return dataclasses.replace(base, **overrides)
+    module, config_class = {"synthetic": (synthetic, synthetic.SyntheticConfig),
+                            "shapes": (shapes, shapes.ShapesConfig)}[cfg.format]
+    settings = GENERATOR_SETTINGS + (SHAPES_ONLY if cfg.format == "shapes" else ())
+    overrides = {k: getattr(cfg, k) for k in settings if getattr(cfg, k) is not None}
+    return module, config_class(seed=cfg.seed, **overrides)
 
 
 def list_records(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[tuple[str, str]], list[str]]:
     """(records to read, errors found while listing, class names). Raises on a wrong source as a whole."""
     records: list[dict[str, Any]] = []
     listing_errors: list[tuple[str, str]] = []
-    if cfg.format == "synthetic":
-        from ray_wsss.core.data import synthetic
-
-        sizes = synthetic.split_sizes(_synthetic_config(cfg))
+    if cfg.format in GENERATED:
+        module, generator_cfg = _generator(cfg)
+        sizes = module.split_sizes(generator_cfg)
         for split in cfg.splits():
             if split not in sizes:
-                raise WsssError(f"synthetic data has splits {sorted(sizes)}, not {split!r}")
+                raise WsssError(f"{cfg.format} data has splits {sorted(sizes)}, not {split!r}")
             records += [{"image_id": f"{split}_{i:06d}", "split": split, "index": i} for i in range(sizes[split])]
-        return records, listing_errors, synthetic.class_names()
+        return records, listing_errors, module.class_names(generator_cfg)
     if not cfg.src:
         raise WsssError(f"--src is required for --format {cfg.format}")
     if cfg.format == "voc":

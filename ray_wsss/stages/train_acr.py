@@ -187,6 +187,13 @@ def run(cfg: TrainClassifierConfig, callbacks: list | None = None) -> dict[str, 
     """
     cfg = dataclasses.replace(cfg, storage=cfg.storage.resolved())  # workers get what the driver sees
     started = time.time()
+    checkpoint_path = fit_classifier(cfg, STAGE, callbacks)
+    return training.finish(cfg, checkpoint_path, started, {"stage": STAGE, "method": cfg.method})
+
+
+def fit_classifier(cfg: TrainClassifierConfig, tag: str, callbacks: list | None = None) -> str:
+    """Train the classifier of ``cfg`` on ``cfg.data`` as stage ``tag`` (which must hold ``cfg.out``'s lock);
+    -> the last checkpoint's path. The classifier stage and the pretrain stage share it."""
     commit.read_manifest(cfg.data, cfg.storage)  # a clear error if the data stage never committed
     dataset_meta = storage.read_json(storage.join(cfg.data, "dataset.json"), cfg.storage)
     class_names = dataset_meta["class_names"]
@@ -197,6 +204,6 @@ def run(cfg: TrainClassifierConfig, callbacks: list | None = None) -> dict[str, 
     # Per-epoch lines are this stage's progress; Ray Data's bars inside workers would flood the log.
     ray.data.DataContext.get_current().enable_progress_bars = False
     loop_config = {"class_names": class_names, "num_train": by_split[cfg.train_split]}
-    checkpoint_path, _ = training.fit(cfg, ClassifierTask, loop_config, train_dataset(cfg, len(class_names)), STAGE,
+    checkpoint_path, _ = training.fit(cfg, ClassifierTask, loop_config, train_dataset(cfg, len(class_names)), tag,
                                       callbacks)
-    return training.finish(cfg, checkpoint_path, started, {"stage": STAGE, "method": cfg.method})
+    return checkpoint_path

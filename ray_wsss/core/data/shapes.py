@@ -50,12 +50,18 @@ class ShapesConfig:
             raise ValueError(f"ShapesConfig.max_objects must be >= 1, got {self.max_objects}")
 
 
-def class_names() -> list[str]:
+def class_names(cfg: ShapesConfig | None = None) -> list[str]:
+    """The category names (the same for every config; ``cfg`` as the WSSS generator's signature)."""
     return ["background", *SHAPES]
 
 
 def split_sizes(cfg: ShapesConfig) -> dict[str, int]:
     return {"train": cfg.num_train, "val": cfg.num_val}
+
+
+def generate_sample(cfg: ShapesConfig, split: str, index: int) -> dict:
+    """One ``samples`` row, encoded as the WSSS generator's (labels: the categories visible in the mask)."""
+    return synthetic.sample_row(split, index, *render_scene(cfg, split, index))
 
 
 def render_scene(cfg: ShapesConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:

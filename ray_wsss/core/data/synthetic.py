@@ -157,15 +157,20 @@ def split_sizes(cfg: SyntheticConfig) -> dict[str, int]:
 def generate_sample(cfg: SyntheticConfig, split: str, index: int) -> dict:
     """One ``samples`` row: PNG image, palette-PNG mask, labels = classes visible in the mask."""
     scene = render_scene(cfg, split, index)
-    height, width = scene.mask.shape
+    return sample_row(split, index, scene.image, scene.mask)
+
+
+def sample_row(split: str, index: int, image: np.ndarray, mask: np.ndarray) -> dict:
+    """A generated image and its class-id mask as a ``samples`` row (the generators' shared encoding)."""
+    height, width = mask.shape
     return {
         "image_id": f"{split}_{index:06d}",
         "split": split,
-        "image": codec.encode_png_image(scene.image),
+        "image": codec.encode_png_image(image),
         "height": int(height),
         "width": int(width),
-        "labels": sorted(int(c) for c in np.unique(scene.mask) if c != 0),
-        "gt_mask": codec.encode_mask(scene.mask),
+        "labels": sorted(int(c) for c in np.unique(mask) if c != 0),
+        "gt_mask": codec.encode_mask(mask),
     }
 
 
