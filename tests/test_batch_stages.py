@@ -17,6 +17,7 @@ from ray_wsss.stages.train_acr import TrainClassifierConfig
 from ray_wsss.stages.train_acr import run as train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+# One epoch on 12 images may learn nothing: the seeds calls pass allow_untrained (the gate has its own tests).
 TINY = dict(model="vit_tiny_patch16_224", depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8,
             batch_size=8, epochs=1, cpus_per_worker=0.5)
 
@@ -36,7 +37,8 @@ def _uris(root):
 
 def test_seeds_shapes_classes_values_and_evaluation(run_dir):
     u = _uris(run_dir)
-    summary = extract_seeds(ExtractSeedsConfig(checkpoint=u["train"], data=u["data"], out=u["seeds"], batch_size=4))
+    summary = extract_seeds(ExtractSeedsConfig(checkpoint=u["train"], data=u["data"], out=u["seeds"], batch_size=4,
+                                                  allow_untrained=True))
     assert summary["rows"] == 18 and summary["errors"] == 0
     samples = {r["image_id"]: r for r in commit.read_table(u["data"], "samples").to_pylist()}
     meta = storage.read_json(storage.join(u["seeds"], "dataset.json"))
@@ -134,6 +136,7 @@ def test_seed_extraction_resumes_without_duplicates(run_dir, tmp_path):
     u = _uris(run_dir)
     partial = str(tmp_path / "seeds")
     _stage_committed_files(u["seeds"], "seeds", commit.table_file_names(u["seeds"], "seeds")[:2], partial)
-    summary = extract_seeds(ExtractSeedsConfig(checkpoint=u["train"], data=u["data"], out=partial, batch_size=4))
+    summary = extract_seeds(ExtractSeedsConfig(checkpoint=u["train"], data=u["data"], out=partial, batch_size=4,
+                                                  allow_untrained=True))
     ids = commit.read_table(partial, "seeds").column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 18 and summary["rows"] == 18

@@ -84,7 +84,7 @@ def sweep(ray_local, tmp_path_factory):
     cfg = tune_acr.TuneACRConfig(
         data=data, out=str(root / "sweep"), num_samples=2, epochs=2, grace_period=1,
         alpha=(0.0, 125.0), beta=(0.0, 125.0), lr=(5e-4, 2e-3), layers=(1, 2), cpus_per_worker=0.5,
-        train=TINY_TRAIN, seeds={"flip": False, "batch_size": 8})
+        train=TINY_TRAIN, seeds={"flip": False, "batch_size": 8, "allow_untrained": True})  # 2 tiny epochs
     return cfg, tune_acr.run(cfg)
 
 
