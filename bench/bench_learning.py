@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(synthetic.HELDOUT_VARIANTS),
                         help=f"comma list of held-out variants {synthetic.HELDOUT_VARIANTS}")
     parser.add_argument("--weights", default=None, help="also train every variant from these initial weights")
+    parser.add_argument("--starts", default="random,weights",
+                        help="which starts to train: random, weights (with --weights), or both")
     parser.add_argument("--target", type=float, default=0.8, help="held-out F1 a variant should reach")
     parser.add_argument("--num-train", type=int, default=None, help="override each variant's train size")
     parser.add_argument("--num-val", type=int, default=None, help="override each variant's held-out size")
@@ -73,6 +75,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     starts = {"random": None, **({"weights": args.weights} if args.weights else {})}
+    starts = {name: weights for name, weights in starts.items() if name in args.starts.split(",")}
+    if not starts:
+        parser.error(f"--starts {args.starts!r} leaves nothing to train (weights needs --weights)")
     rows = []
     for variant in variants:
         data = render(variant, args.num_train, args.num_val)
