@@ -45,10 +45,13 @@ class _Gate:
 
 @pytest.mark.usefixtures("ray_local")
 def test_a_files_result_reaches_the_driver_while_later_files_run(tmp_path):
-    """Two files on two actors: one finishes at once, the other waits until the driver has the first's result.
+    """Two files on one actor (two tasks in flight, run in submission order): the first finishes at once, the
+    second waits until the driver has the first's result.
 
     The driver used to receive each result only once the next file was done (Ray Data's iter_rows
-    prefetches a block), so this waited forever.
+    prefetches a block), so this waited forever. One actor, not two: with two tasks in flight per actor, both
+    files could land on whichever actor started first, the waiting one ahead of the other, and the test then
+    timed out for a reason unrelated to streaming.
     """
     import ray.cloudpickle
 
@@ -58,7 +61,7 @@ def test_a_files_result_reaches_the_driver_while_later_files_run(tmp_path):
              for name in ("quick", "waits")]
     stage = batch_stage.BatchStage(name="gate", table=None, worker=_Gate, worker_args=(marker,), tasks=tasks,
                                    metadata={}, summary={})
-    cfg = batch_stage.StageConfig(out=str(tmp_path / "out"), num_actors=2)
+    cfg = batch_stage.StageConfig(out=str(tmp_path / "out"), num_actors=1)
     results = []
     for result in batch_stage.map_tasks(cfg, stage, tasks):
         results.append(result)
